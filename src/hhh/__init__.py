@@ -1,0 +1,1 @@
+"""hhh: align instruction-tuned language models."""

