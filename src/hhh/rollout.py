@@ -111,10 +111,11 @@ def sample(
     tokens, logps, live = [], [], []
     for _ in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
-        # Exponential race (Gumbel-max): argmax(log p - log E), E ~ Exp(1), samples from p exactly
-        # and costs a fraction of torch.multinomial over a 49k vocabulary.
-        race = torch.empty_like(logp_all).exponential_(generator=generator)
-        nxt = (logp_all - race.log()).argmax(-1)
+        # Inverse-CDF sampling: one uniform per row. Exact, and far cheaper than torch.multinomial
+        # or a Gumbel race, which draw a random number per vocabulary entry (49k here).
+        cdf = logp_all.exp().cumsum(-1)
+        u = torch.rand((batch, 1), generator=generator, device=device) * cdf[:, -1:]
+        nxt = torch.searchsorted(cdf, u).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         live.append(~done)
         logps.append(torch.where(done, 0.0, logp_all.gather(-1, nxt[:, None]).squeeze(-1)))

@@ -36,6 +36,14 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
+def _quiet_transformers() -> None:
+    # hhh draws its own progress; per-tensor "Loading weights" bars would drown it.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -46,6 +54,7 @@ def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
     """Load a causal LM for training/eval: eval mode (dropout off), requested dtype and device."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(local_path(spec), dtype=DTYPES[dtype])

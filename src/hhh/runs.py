@@ -1,0 +1,89 @@
+"""The run folder: everything a run writes, in one place.
+
+    RUN/config.toml     the settings used (defaults filled in)
+    RUN/meta.json       command, seed, versions, host, start time
+    RUN/metrics.jsonl   one JSON object per step, fixed metric names
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from hhh.config import Settings, to_toml_dict
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("hhh", "torch", "transformers", "peft", "accelerate", "alt-profanity-check", "vaderSentiment"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def create(cls, command: str, config: Settings, out: str | None = None, *, exist_ok: bool = False) -> RunDir:
+        path = Path(out) if out else Path("runs") / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if path.exists() and any(path.iterdir()) and not exist_ok:
+            raise FileExistsError(f"run folder {path} exists and is not empty (use --resume or another --out)")
+        path.mkdir(parents=True, exist_ok=True)
+        run = cls(path)
+        (path / "config.toml").write_text(tomli_w.dumps(to_toml_dict(config)))
+        run.write_json(
+            "meta.json",
+            {
+                "command": command,
+                "argv": sys.argv,
+                "seed": getattr(config, "seed", None),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "host": platform.node(),
+                "pid": os.getpid(),
+                "versions": versions(),
+            },
+        )
+        return run
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        target = self.path / name
+        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp.write_text(json.dumps(obj, indent=2, default=float))
+        os.replace(tmp, target)  # a reader never sees half a file
+        return target
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics, default=float) + "\n")
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hhh.cli import main
+
+
+def test_eval_command_as_a_user_runs_it(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "hhh.cli", "eval", "--model", tiny_dir, "--prompts", "redteam:eval",
+         "--max-prompts", "2", "--samples-per-prompt", "2", "--max-new-tokens", "4", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "toxicity mean" in proc.stdout and "fraction > 0.5" in proc.stdout
+    assert json.loads((out / "eval.json").read_text())["redteam:eval"]["n"] == 4
+    assert (out / "config.toml").read_text().count("max_new_tokens = 4") == 1
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["seed"] == 0 and "torch" in meta["versions"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--temperature", "hot"], "flag --temperature"),
+        (["eval", "--prompts", "nope"], "prompt set 'nope'"),
+        (["eval", "--model", "./missing"], "not a folder"),
+        (["compare", "/no/run"], "no eval_before.json"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_compare_prints_before_and_after(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for path, tox in ((a, 0.4), (b, 0.1)):
+        path.mkdir()
+        (path / "eval.json").write_text(json.dumps({"redteam:eval": {"n": 4, "toxicity/mean": tox}}))
+    assert main(["compare", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "0.400" in out and "0.100" in out and "-0.300" in out
+
+
+def test_help_lists_every_setting(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    assert "--samples-per-prompt" in out and "completions sampled per prompt" in out

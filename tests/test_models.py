@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from hhh.models import LoraSettings, attach_lora, resolve, tiny_causal_lm
+from hhh.models import spec as spec_mod
+
+
+def test_resolve_bundled_points_at_the_wheel_file():
+    src = resolve("bundled:smollm2-135m-instruct")
+    assert src.kind == "bundled" and src.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("bundled:nope", "unknown bundled model 'nope'"),
+        ("missing.gguf", "GGUF file not found"),
+        ("./no/such/dir", "not a folder with config.json"),
+        ("a/b/c", "expected bundled:NAME"),
+        ("", "empty"),
+    ],
+)
+def test_resolve_rejects_bad_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve(spec)
+
+
+def test_resolve_local_folder_and_hub_id(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve(str(tmp_path)).kind == "local"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+    assert resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+def test_tokenizer_pads_left_with_a_token_distinct_from_eos(tokenizer):
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_adapter_disabled_forward_equals_base_model(tiny):
+    ids = torch.randint(0, 1000, (2, 10))
+    with torch.no_grad():
+        base = tiny(input_ids=ids).logits.clone()
+    model = attach_lora(tiny, LoraSettings(r=4, alpha=8))
+    with torch.no_grad():  # make the adapter do something: LoRA B starts at zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            disabled = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    torch.testing.assert_close(disabled, base)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_tiny_model_uses_the_tokenizer_vocabulary(tokenizer):
+    m = tiny_causal_lm(tokenizer)
+    assert m.config.vocab_size == len(tokenizer) and m.config.eos_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_cached_and_matches_the_gguf_weights(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HHH_HOME", str(tmp_path))
+    gguf = resolve("bundled:smollm2-135m-instruct").location
+    folder = spec_mod.convert_gguf(gguf, progress=False)
+    assert folder.parent == tmp_path / "models"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert not list((tmp_path / "models").glob("*.tmp-*")), "no temporary folder left behind"
+
+    converted = AutoModelForCausalLM.from_pretrained(folder)
+    original = AutoModelForCausalLM.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name)
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(converted.state_dict()[key], value, rtol=0, atol=0)
+
+    # second call: cache hit, no conversion (conversion would call from_pretrained on the GGUF)
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_conversion)
+    assert spec_mod.convert_gguf(gguf, progress=False) == folder

@@ -1,0 +1,101 @@
+import sys
+
+import pytest
+import torch
+
+from hhh.rewards import Shaped, WeightedSum, build_reward
+from hhh.rewards.builtin import HFClassifier, Length
+
+
+def test_toxicity_is_one_minus_offensive_probability():
+    r = build_reward("toxicity")
+    rude, kind = "shut up you stupid worthless idiot", "thank you, have a lovely day"
+    scores = r.score(["", ""], [rude, kind])
+    assert 0 <= scores.min() and scores.max() <= 1
+    assert scores[0] < 0.2 < 0.8 < scores[1]
+    torch.testing.assert_close(scores, 1 - r.offensive([rude, kind]))
+
+
+def test_sentiment_is_vader_compound():
+    scores = build_reward("sentiment").score(["", ""], ["I love this, wonderful!", "I hate this, awful."])
+    assert scores[0] > 0.5 and scores[1] < -0.5
+
+
+def test_length_penalty_by_hand():
+    """target 4: 2 words -> -|2-4|/4 = -0.5; 4 words -> 0; 6 words -> -0.5."""
+    s = Length(4).score([""] * 3, ["a b", "a b c d", "a b c d e f"])
+    assert s.tolist() == [-0.5, 0.0, -0.5]
+    assert build_reward("length:4").score([""], ["a b"]).item() == -0.5
+
+
+def test_weighted_sum_by_hand():
+    """0.5*length:4 + 2*length:2 on 'a b': 0.5*(-0.5) + 2*0 = -0.25."""
+    r = build_reward("0.5*length:4 + 2*length:2")
+    assert isinstance(r, WeightedSum)
+    assert r.score([""], ["a b"]).item() == pytest.approx(-0.25)
+
+
+def test_python_function_reward(tmp_path, monkeypatch):
+    (tmp_path / "myreward.py").write_text("def shout(prompts, completions):\n    return [c.count('!') for c in completions]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    r = build_reward("myreward:shout")
+    assert r.score(["", ""], ["hi!!", "hi"]).tolist() == [2.0, 0.0]
+    (tmp_path / "badreward.py").write_text("def f(p, c):\n    return [1.0]\n")
+    with pytest.raises(ValueError, match="returned 1 scores for 2"):
+        build_reward("badreward:f").score(["", ""], ["a", "b"])
+    sys.modules.pop("myreward", None)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [("", "empty"), ("nosuch", "unknown reward"), ("x*toxicity", "weight 'x'"), ("length:abc", "integer"),
+     ("nosuchmodule:f", "cannot import"), ("classifier:", "needs a model spec")],
+)
+def test_bad_reward_specs(spec, message):
+    with pytest.raises(ValueError, match=message):
+        build_reward(spec)
+
+
+class Fixed:
+    name = "fixed"
+
+    def __init__(self, values):
+        self.values = values
+
+    def score(self, prompts, completions):
+        return torch.tensor(self.values[: len(completions)], dtype=torch.float32)
+
+
+def test_shaped_clip_and_batch_normalisation():
+    x = Shaped(Fixed([1.0, 2.0, 3.0]), normalize="batch").score([""] * 3, ["a"] * 3)
+    # mean 2, sample std 1 -> [-1, 0, 1]
+    torch.testing.assert_close(x, torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6, rtol=0)
+    y = Shaped(Fixed([-5.0, 0.5, 5.0]), clip=(-1.0, 1.0)).score([""] * 3, ["a"] * 3)
+    assert y.tolist() == [-1.0, 0.5, 1.0]
+
+
+def test_shaped_running_normalisation_by_hand():
+    """After [1, 3] the running mean is 2, the sample std sqrt(2): 3 -> (3-2)/sqrt(2)."""
+    r = Shaped(Fixed([1.0, 3.0]), normalize="running")
+    out = r.score(["", ""], ["a", "b"])
+    torch.testing.assert_close(out, torch.tensor([-1.0, 1.0]) / 2**0.5, atol=1e-6, rtol=0)
+    assert r.state_dict()["count"] == 2
+
+
+def test_hf_classifier_reward_on_a_local_model(tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=2,
+                         id2label={0: "hate", 1: "nothate"}, label2id={"hate": 0, "nothate": 1},
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    benign = build_reward(f"classifier:{tmp_path}")
+    assert isinstance(benign, HFClassifier) and benign.name.endswith(":nothate")
+    hate = HFClassifier(str(tmp_path), "hate")
+    texts = ["hello there", "a much longer sentence with many words"]
+    p, q = benign.score(["", ""], texts), hate.score(["", ""], texts)
+    torch.testing.assert_close(p + q, torch.ones(2))
+    with pytest.raises(ValueError, match="label 'toxic' not in"):
+        HFClassifier(str(tmp_path), "toxic")

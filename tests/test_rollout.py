@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from hhh.rollout import left_pad, positions, response_logprobs, sample
+from tests.conftest import with_eos_bias
+
+PROMPTS = ["Say hello.", "Write one word about the sea, please, right now.", "Hi"]
+
+
+def test_left_pad_and_positions():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_logprobs_equal_a_fresh_forward_pass(tiny, tokenizer):
+    model = with_eos_bias(tiny, tokenizer.eos_token_id, 6.3)
+    g = torch.Generator().manual_seed(0)
+    r = sample(model, tokenizer, PROMPTS * 2, max_new_tokens=12, temperature=0.7, generator=g)
+    fresh = response_logprobs(model, r.query_ids, r.query_mask, r.response_ids, r.response_mask, temperature=0.7)
+    torch.testing.assert_close(fresh, r.logprobs, atol=1e-4, rtol=1e-4)
+
+
+def test_masks_stop_at_eos_and_ignore_everything_after(tiny, tokenizer):
+    model = with_eos_bias(tiny, tokenizer.eos_token_id, 6.3)
+    r = sample(model, tokenizer, PROMPTS * 4, max_new_tokens=16, generator=torch.Generator().manual_seed(1))
+    eos = tokenizer.eos_token_id
+    assert r.ended.any() and not r.ended.all(), "the EOS bias should end some completions and not others"
+    for ids, mask, lp, ended in zip(r.response_ids, r.response_mask, r.logprobs, r.ended, strict=True):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any(), "mask is 1 then 0"
+        if ended:
+            assert ids[n - 1] == eos, "the mask includes the EOS token"
+            assert (ids[:n - 1] != eos).all()
+            assert (ids[n:] == tokenizer.pad_token_id).all()
+        else:
+            assert n == r.response_ids.shape[1]
+        assert (lp[n:] == 0).all() and (lp[:n] < 0).all()
+
+
+def test_same_seed_same_samples(tiny, tokenizer):
+    a = sample(tiny, tokenizer, PROMPTS, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    b = sample(tiny, tokenizer, PROMPTS, max_new_tokens=8, generator=torch.Generator().manual_seed(3))
+    c = sample(tiny, tokenizer, PROMPTS, max_new_tokens=8, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_sampling_follows_the_tempered_distribution(tokenizer):
+    """Inverse-CDF sampling: empirical frequencies of the first token match softmax(logits / T)."""
+    from hhh.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=2)
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)["input_ids"]])
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=ids).logits[0, -1] / 0.5, -1)
+    top = probs.argmax()
+    r = sample(model, tokenizer, ["x"] * 400, max_new_tokens=1, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    freq = (r.response_ids[:, 0] == top).float().mean()
+    assert abs(freq - probs[top]) < 4 * (probs[top] * (1 - probs[top]) / 400) ** 0.5 + 1e-3
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny, tokenizer):
+    long = "word " * 600  # tiny model context is 512
+    with pytest.raises(ValueError, match=r"prompt 1 has \d+ tokens.*context of 512"):
+        sample(tiny, tokenizer, ["ok", long], max_new_tokens=8)
+
+
+def test_temperature_must_be_positive(tiny, tokenizer):
+    with pytest.raises(ValueError, match="temperature"):
+        sample(tiny, tokenizer, ["ok"], temperature=0.0)
