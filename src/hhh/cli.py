@@ -7,7 +7,7 @@ import sys
 import typing
 from collections.abc import Callable
 
-from hhh.config import ConfigError, EvalConfig, Settings, flag_fields, is_bool, load_config
+from hhh.config import ConfigError, DetoxConfig, EvalConfig, Settings, flag_fields, is_bool, load_config
 
 
 def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
@@ -47,6 +47,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_detox(args: argparse.Namespace) -> int:
+    from hhh.detox import detox
+
+    if args.resume:
+        detox(resume=args.resume)
+    else:
+        detox(_settings(args, DetoxConfig))
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -71,6 +81,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespace], int]]] = {
     "eval": ("evaluate a model (+ adapter) on prompt sets: toxicity, reward, KL, perplexity", EvalConfig, cmd_eval),
+    "detox": ("the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
+              DetoxConfig, cmd_detox),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
 }
 
@@ -83,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
+        if name == "detox":
+            p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")
             p.add_argument("run_b", metavar="RUN_B", nargs="?", help="run folder (after)")

@@ -108,3 +108,64 @@ def is_bool(annotation: Any) -> bool:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return bool in typing.get_args(annotation)
     return False
+
+
+class PPOConfig(GenerationSettings):
+    # data and reward
+    prompts: str = Field("redteam:train", description="training prompt set")
+    reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
+    reward_normalize: typing.Literal["none", "batch", "running"] = Field(
+        "none", description="normalise scores: none, per batch, or by running mean/std")
+    reward_clip: float | None = Field(None, gt=0, description="clip (normalised) scores to +-this")
+    no_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of completions without EOS")
+    # schedule
+    steps: int = Field(14, gt=0, description="PPO steps (rollout + update)")
+    batch_size: int = Field(32, gt=0, description="completions per step")
+    minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
+    micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
+    ppo_epochs: int = Field(2, gt=0, description="passes over each batch")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    # PPO
+    gamma: float = Field(1.0, ge=0, le=1, description="discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
+    cliprange_value: float = Field(0.2, gt=0, description="value clip around old values")
+    vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
+    ent_coef: float = Field(0.01, ge=0, description="entropy bonus coefficient")
+    whiten_advantages: bool = Field(True, description="whiten advantages over each batch")
+    # KL
+    kl_coef: float = Field(0.05, ge=0, description="initial beta of the per-token KL penalty")
+    kl_target: float | None = Field(None, gt=0, description="adaptive beta target KL in nats/completion (None: fixed)")
+    kl_horizon: float = Field(10_000, gt=0, description="adaptive KL horizon in samples")
+    kl_estimator: typing.Literal["k1", "k3"] = Field("k1", description="KL estimator in the shaped reward")
+    # LoRA
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
+    # guards against reward hacking
+    kl_budget: float | None = Field(8.0, gt=0, description="KL nats/completion that triggers the budget action")
+    kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise beta x1.5")
+    entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
+    length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
+    second_scorer: str = Field("sentiment", description="independent reward spec watched for divergence")
+    val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
+    val_every: int = Field(5, gt=0, description="steps between held-out checks")
+    # run folder
+    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
+    out: str | None = Field(None, description="run folder (default runs/ppo-TIMESTAMP)")
+
+
+class DetoxConfig(PPOConfig):
+    eval_prompts: list[str] = Field(["redteam:eval", "benign:eval"], description="prompt sets evaluated before/after")
+    eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
+    eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
+    eval_batch_size: int = Field(64, gt=0, description="completions sampled at once in evaluation")
+    out: str | None = Field(None, description="run folder (default runs/detox-TIMESTAMP)")
+
+    def eval_config(self, adapter: str | None = None) -> EvalConfig:
+        return EvalConfig(model=self.model, adapter=adapter, prompts=self.eval_prompts, samples_per_prompt=self.eval_samples,
+                          max_prompts=self.eval_max_prompts, batch_size=self.eval_batch_size, reward=self.reward,
+                          max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
+                          device=self.device, dtype=self.dtype)

@@ -161,8 +161,9 @@ def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *,
     return SetResult(name, metrics, samples)
 
 
-def evaluate(config, *, model=None, tokenizer=None, run=None, console=None) -> dict[str, dict[str, Any]]:
-    """Evaluate a model (+ adapter) on each prompt set; write eval.json and samples to the run folder.
+def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag: str = "") -> dict[str, dict[str, Any]]:
+    """Evaluate a model (+ adapter) on each prompt set; write eval[_TAG].json and samples[_TAG]_SET.jsonl
+    to the run folder.
 
     >>> from hhh.config import EvalConfig
     >>> results = evaluate(EvalConfig(prompts=["redteam:eval"], max_prompts=4))  # doctest: +SKIP
@@ -193,15 +194,19 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None) -> d
                                progress=lambda k, t=task: bar.advance(t, k))
             results[spec] = res.metrics
             if run is not None:
-                safe = spec.replace(":", "_").replace("/", "_")
-                with open(run.path / f"samples_{safe}.jsonl", "w") as f:
+                with open(run.path / samples_file(spec, tag), "w") as f:
                     import json
 
                     for row in res.samples:
                         f.write(json.dumps(row) + "\n")
     if run is not None:
-        run.write_json("eval.json", results)
+        run.write_json(f"eval_{tag}.json" if tag else "eval.json", results)
     return results
+
+
+def samples_file(spec: str, tag: str = "") -> str:
+    safe = spec.replace(":", "_").replace("/", "_")
+    return f"samples_{tag}_{safe}.jsonl" if tag else f"samples_{safe}.jsonl"
 
 
 ROWS = [

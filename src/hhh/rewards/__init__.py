@@ -61,7 +61,11 @@ class Shaped:
             self.m2 += delta * (v - self.mean)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
-        x = self.inner.score(prompts, completions).float()
+        return self.transform(self.inner.score(prompts, completions))
+
+    def transform(self, x: Tensor) -> Tensor:
+        """Normalise and clip raw scores of `inner` (updates the running statistics)."""
+        x = x.float()
         if self.normalize == "batch" and x.numel() > 1:
             x = (x - x.mean()) / (x.std() + 1e-8)
         elif self.normalize == "running":

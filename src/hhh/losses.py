@@ -1,0 +1,155 @@
+"""The math of hhh: pure functions on tensors. Imports only torch; no models, no I/O.
+
+Shapes: B = sequences, T = completion tokens. `mask` is 1 on real completion tokens (up to and
+including EOS) and 0 after; every mean, variance and whitening below is taken over mask == 1 only.
+
+References
+  [Ziegler19]  Fine-Tuning Language Models from Human Preferences (lm-human-preferences), arXiv:1909.08593
+  [Schulman17] Proximal Policy Optimization Algorithms, arXiv:1707.06347
+  [GAE]        High-Dimensional Continuous Control Using Generalized Advantage Estimation, arXiv:1506.02438
+  [Huang24]    The N+ Implementation Details of RLHF with PPO, arXiv:2403.17031
+  [Schulman20] Approximating KL divergence, joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    return (x * mask).sum() if dim is None else (x * mask).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    return var * n / (n - 1) if unbiased and n > 1 else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over masked entries; masked-out entries come back as 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_per_token(logp: Tensor, ref_logp: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi [Schulman20].
+
+    k1 = log pi - log ref                    unbiased, can be negative per token
+    k3 = r - 1 - log r, r = ref / pi         unbiased and always >= 0, lower variance
+    """
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"KL estimator must be 'k1' or 'k3', got {estimator!r}")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """(B,) index of the last real token of each row (0 for an empty row)."""
+    return (mask.sum(-1) - 1).clamp(min=0).long()
+
+
+def shaped_rewards(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """Per-token reward [Ziegler19]: -beta * KL_t on every completion token, plus the sequence
+    score at the last real token (EOS, or the last token of a truncated completion); 0 after it."""
+    rewards = -beta * kl * mask
+    idx = last_token_index(mask)
+    return rewards.scatter_add(1, idx[:, None], score[:, None].to(rewards.dtype) * (mask.sum(-1, keepdim=True) > 0))
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float = 1.0, lam: float = 0.95) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation [GAE], batched over rows, one reverse sweep over time.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t ;  A_t = delta_t + gamma * lam * A_{t+1}
+    V after the last real token is 0 (the episode ends at EOS or at the length limit).
+    Returns (advantages, returns = A + V), both zero where mask == 0.
+    """
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    deltas = rewards + gamma * next_values - values  # (B, T); V_{T} = 0 and V after EOS is 0
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = (deltas[:, t] + gamma * lam * running) * mask[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * mask
+
+
+def token_mean(x: Tensor, mask: Tensor, n_tokens: Tensor | float | None = None) -> Tensor:
+    """Masked mean over all tokens; with `n_tokens` (the minibatch's token count) a micro-batch's
+    share of the minibatch mean, so gradient accumulation equals one big batch."""
+    return masked_sum(x, mask) / (mask.sum().clamp(min=1) if n_tokens is None else n_tokens)
+
+
+def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip: float = 0.2,
+                    n_tokens: Tensor | float | None = None):
+    """Clipped surrogate [Schulman17 eq. 7], as a loss to minimise, token-level mean.
+
+    L = mean_t max(-A_t * r_t, -A_t * clip(r_t, 1 - eps, 1 + eps)),  r_t = pi(a_t|s_t) / pi_old(a_t|s_t)
+    Returns (loss, clip fraction, approx KL(old || new) = mean 0.5 * (log r)^2).
+    """
+    log_ratio = logp - old_logp
+    ratio = log_ratio.exp()
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip, 1.0 + clip)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
+    clipfrac = token_mean((clipped > unclipped).float(), mask, n_tokens)
+    approx_kl = token_mean(0.5 * log_ratio**2, mask, n_tokens)
+    return loss, clipfrac.detach(), approx_kl.detach()
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float = 0.2,
+               n_tokens: Tensor | float | None = None):
+    """Clipped value loss [Huang24 detail 10]: 0.5 * mean max((V - R)^2, (clip(V, V_old +- eps) - R)^2).
+    Returns (loss, fraction of tokens where the clipped term was the larger)."""
+    v_clipped = old_values + (values - old_values).clamp(-clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * token_mean(torch.maximum(loss_unclipped, loss_clipped), mask, n_tokens)
+    return loss, token_mean((loss_clipped > loss_unclipped).float(), mask, n_tokens).detach()
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last axis: logsumexp(z) - sum softmax(z) * z."""
+    p = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+
+
+@dataclass
+class AdaptiveKL:
+    """Adaptive KL coefficient [Ziegler19 sec. 2.2]:
+
+    e = clip(KL / target - 1, -0.2, 0.2) ;  beta <- beta * (1 + e * n_steps / horizon)
+    With target None, beta stays fixed.
+    """
+
+    beta: float
+    target: float | None = None
+    horizon: float = 10_000.0
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {"beta": self.beta, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]

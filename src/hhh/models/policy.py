@@ -1,0 +1,114 @@
+"""A LoRA policy with a value head, whose reference is the same base weights.
+
+One copy of the base weights serves three roles:
+  policy     base + the trainable adapter "default"
+  reference  base with the adapter disabled, or base + a frozen "reference" adapter when training
+             starts from an existing adapter
+  critic     a value head on the policy's last hidden state (shared backbone, default)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from hhh.rollout import positions
+
+
+@dataclass(frozen=True)
+class Forward:
+    logprobs: Tensor  # (B, R) log pi(a_t | s_t) at the temperature
+    entropy: Tensor | None  # (B, R) entropy of pi(. | s_t) at the temperature
+    values: Tensor | None  # (B, R) V(s_t), the state before token t
+
+
+class PolicyWithValue(nn.Module):
+    def __init__(self, lm, *, has_reference_adapter: bool = False) -> None:
+        super().__init__()
+        self.lm = lm  # a peft.PeftModel with a trainable adapter named "default"
+        self.has_reference_adapter = has_reference_adapter
+        self.value_head = nn.Linear(lm.config.hidden_size, 1)
+        # Zero init: V = 0 everywhere at step 0, so the first advantages are the returns themselves.
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(next(lm.parameters()).device)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward_response(
+        self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+        *, temperature: float, values: bool = True, entropy: bool = False,
+    ) -> Forward:
+        ids = torch.cat([query_ids, response_ids], dim=1)
+        mask = torch.cat([query_mask, response_mask], dim=1)
+        R = response_ids.shape[1]
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                      logits_to_keep=R + 1, output_hidden_states=values)
+        # Only the R response positions' logits exist (logits_to_keep): never (B, Q+R, V).
+        logits = out.logits[:, :-1].float() / temperature  # position t predicts response token t
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)
+        ent = None
+        if entropy:
+            ent = -(logp_all.exp() * logp_all).sum(-1)
+        vals = None
+        if values:
+            hidden = out.hidden_states[-1][:, -(R + 1) : -1].float()  # states before each response token
+            vals = self.value_head(hidden).squeeze(-1)
+        return Forward(logp, ent, vals)
+
+    @contextmanager
+    def reference(self):
+        """The reference policy: adapter disabled, or the frozen starting adapter."""
+        if not self.has_reference_adapter:
+            with self.lm.disable_adapter():
+                yield self
+            return
+        flags = {n: p.requires_grad for n, p in self.lm.named_parameters()}
+        self.lm.set_adapter("reference")
+        try:
+            yield self
+        finally:
+            self.lm.set_adapter("default")
+            for n, p in self.lm.named_parameters():  # set_adapter changes requires_grad; put it back
+                p.requires_grad_(flags[n])
+
+    @torch.no_grad()
+    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float) -> Tensor:
+        with self.reference():
+            return self.forward_response(query_ids, query_mask, response_ids, response_mask,
+                                         temperature=temperature, values=False).logprobs
+
+    def save(self, folder: str | Path) -> None:
+        """PEFT adapter (loadable by peft.PeftModel.from_pretrained) + value_head.pt."""
+        folder = Path(folder)
+        self.lm.save_pretrained(folder, selected_adapters=["default"])
+        torch.save(self.value_head.state_dict(), folder / "value_head.pt")
+
+    def load(self, folder: str | Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        set_peft_model_state_dict(self.lm, load_file(str(folder / "adapter_model.safetensors")), adapter_name="default")
+        self.value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
+
+
+def build_policy(base, lora, *, init_adapter: str | None = None) -> PolicyWithValue:
+    """Wrap a base causal LM: fresh LoRA (reference = adapter disabled) or, from `init_adapter`, a
+    trainable copy of that adapter plus a frozen one as the reference."""
+    from hhh.models.load import attach_lora, load_adapter
+
+    if init_adapter is None:
+        return PolicyWithValue(attach_lora(base, lora))
+    lm = load_adapter(base, init_adapter, trainable=True, name="default")
+    lm = load_adapter(lm, init_adapter, trainable=False, name="reference")
+    lm.set_adapter("default")
+    for n, p in lm.named_parameters():
+        p.requires_grad_(".default." in n and "lora_" in n)
+    return PolicyWithValue(lm, has_reference_adapter=True)

@@ -1,0 +1,122 @@
+"""report.html for a training run: training curves, toxicity before/after, sample completions."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from hhh.evaluate import ROWS, samples_file
+from hhh.runs import RunDir
+
+
+def _plot_curves(metrics: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward/score", "reward (raw score)"), ("kl/k1", "KL to reference (nats/completion)"),
+              ("policy/entropy", "entropy (nats/token)"), ("length/mean", "completion length (tokens)")]
+    names = []
+    steps = [m["step"] for m in metrics]
+    for key, title in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.plot(steps, [m.get(key) for m in metrics], marker="o", ms=3)
+        if key == "reward/score":
+            val = [(m["step"], m["val/reward"]) for m in metrics if "val/reward" in m]
+            if val:
+                ax.plot(*zip(*val, strict=True), marker="s", ls="--", label="held-out")
+                ax.legend()
+        ax.set_title(title)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        name = f"plot_{key.replace('/', '_')}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+    return names
+
+
+def _read_samples(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _plot_histogram(before: list[dict], after: list[dict], spec: str, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    bins = [i / 20 for i in range(21)]
+    ax.hist([s["offensive"] for s in before], bins=bins, alpha=0.6, label="before")
+    ax.hist([s["offensive"] for s in after], bins=bins, alpha=0.6, label="after")
+    ax.set_title(f"toxicity (offensive-language classifier), {spec}")
+    ax.set_xlabel("P(offensive)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    name = f"hist_{spec.replace(':', '_')}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _metrics_table(before: dict, after: dict) -> str:
+    rows = ["<tr><th>prompt set</th><th>metric</th><th>before</th><th>after</th></tr>"]
+    for spec in before:
+        for key, label in ROWS:
+            if key in before[spec] or key in after.get(spec, {}):
+                b, a = before[spec].get(key), after.get(spec, {}).get(key)
+                fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+                rows.append(f"<tr><td>{html.escape(spec)}</td><td>{label}</td><td>{fmt(b)}</td><td>{fmt(a)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
+    """The first completion of each of the first n prompts, before and after (same prompts, same seed)."""
+    first_b, first_a = {}, {}
+    for s in before:
+        first_b.setdefault(s["prompt"], s)
+    for s in after:
+        first_a.setdefault(s["prompt"], s)
+    rows = ["<tr><th>prompt</th><th>before</th><th>after</th></tr>"]
+    for prompt in list(first_b)[:n]:
+        b, a = first_b[prompt], first_a.get(prompt)
+        cell = lambda s: "-" if s is None else f"{html.escape(s['completion'])}<br><small>P(offensive) {s['offensive']:.2f}</small>"  # noqa: E731
+        rows.append(f"<tr><td>{html.escape(prompt)}</td><td>{cell(b)}</td><td>{cell(a)}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def write_report(run: RunDir | str | Path) -> Path:
+    """Write RUN/report.html (and its PNG plots) from what the run folder holds."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    metrics = run.metrics()
+    before = run.read_json("eval_before.json") if (run.path / "eval_before.json").is_file() else {}
+    after = run.read_json("eval.json") if (run.path / "eval.json").is_file() else {}
+    summary = run.read_json("summary.json") if (run.path / "summary.json").is_file() else {}
+    parts = [f"<h1>hhh run {html.escape(run.path.name)}</h1>"]
+    if summary:
+        parts.append(f"<p>steps: {summary.get('steps')}; best held-out step: {summary.get('best_step')}; "
+                     f"stopped early: {summary.get('stopped') or 'no'}</p>")
+    alarms = [(m["step"], a) for m in metrics for a in m.get("alarms", [])]
+    if alarms:
+        parts.append("<p class=warn>guard alarms: " + ", ".join(f"{a} (step {s})" for s, a in alarms) + "</p>")
+    if before and after:
+        parts.append("<h2>Before and after</h2>" + _metrics_table(before, after))
+    if metrics:
+        parts.append("<h2>Training</h2>" + "".join(f'<img src="{n}">' for n in _plot_curves(metrics, run.path)))
+    for spec in before:
+        sb, sa = _read_samples(run.path / samples_file(spec, "before")), _read_samples(run.path / samples_file(spec))
+        if sb and sa:
+            parts.append(f"<h2>{html.escape(spec)}</h2>" + f'<img src="{_plot_histogram(sb, sa, spec, run.path)}">'
+                         + _samples_table(sb, sa))
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}.warn{color:#a40}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>hhh report</title><style>{style}</style></head><body>" \
+        + "".join(parts) + "</body></html>"
+    target = run.path / "report.html"
+    target.write_text(page, encoding="utf-8")
+    return target

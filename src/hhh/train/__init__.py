@@ -1,0 +1,1 @@
+"""Training loops, one readable file per method; shared machinery in `loop.py` and `guards.py`."""
