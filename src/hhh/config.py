@@ -143,6 +143,7 @@ class PPOConfig(GenerationSettings):
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_layers: int | None = Field(None, gt=0, description="adapt only the top N layers (None: all)")
     init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
     # guards against reward hacking
     kl_budget: float | None = Field(8.0, gt=0, description="KL nats/completion that triggers the budget action")

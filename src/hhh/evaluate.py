@@ -74,38 +74,36 @@ class SetResult:
 
 
 def _kl_and_nll(model, rollout, temperature: float, has_adapter: bool, chunk: int = 16):
-    """Per completion: exact KL(pi || ref) summed over tokens at `temperature` (if an adapter is given)
-    and the base model's negative log-likelihood summed over tokens at temperature 1.
+    """Per completion: KL(pi || ref) in nats, summed over tokens (k1 and k3 estimators), and the base
+    model's negative log-likelihood summed over tokens at temperature 1.
 
-    The KL here sums over the whole vocabulary at each sampled position, a zero-variance estimate
-    of the per-token KL along the policy's own samples.
+    One forward pass of the reference (= base: adapter disabled) serves both; the policy's log-probs
+    are the ones recorded while sampling, at the sampling temperature.
     """
+    import contextlib
+
     import torch
 
+    from hhh.losses import kl_per_token
     from hhh.rollout import positions
 
-    kls, nlls = [], []
-    B, R = rollout.response_ids.shape
-    for s in range(0, B, chunk):
+    k1s, k3s, nlls = [], [], []
+    R = rollout.response_ids.shape[1]
+    for s in range(0, rollout.response_ids.shape[0], chunk):
         q, qm = rollout.query_ids[s : s + chunk], rollout.query_mask[s : s + chunk]
         r, rm = rollout.response_ids[s : s + chunk], rollout.response_mask[s : s + chunk]
         ids, mask = torch.cat([q, r], 1), torch.cat([qm, rm], 1)
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask), "logits_to_keep": R + 1}
-        with torch.no_grad():
-            if has_adapter:
-                with model.disable_adapter():
-                    ref_logits = model(**kw).logits[:, :-1].float()
-                pol_logits = model(**kw).logits[:, :-1].float()
-                pol = torch.log_softmax(pol_logits / temperature, -1)
-                ref = torch.log_softmax(ref_logits / temperature, -1)
-                kls.append(((pol.exp() * (pol - ref)).sum(-1) * rm).sum(-1))
-                del pol, ref, pol_logits
-            else:
-                ref_logits = model(**kw).logits[:, :-1].float()
-                kls.append(torch.zeros(q.shape[0]))
-            base = torch.log_softmax(ref_logits, -1).gather(-1, r[..., None]).squeeze(-1)
-            nlls.append(-(base * rm).sum(-1))
-    return torch.cat(kls), torch.cat(nlls)
+        off = model.disable_adapter() if has_adapter else contextlib.nullcontext()
+        with torch.no_grad(), off:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                           logits_to_keep=R + 1).logits[:, :-1].float()
+        base = torch.log_softmax(logits, -1).gather(-1, r[..., None]).squeeze(-1)
+        ref = torch.log_softmax(logits / temperature, -1).gather(-1, r[..., None]).squeeze(-1)
+        nlls.append(-(base * rm).sum(-1))
+        pol = rollout.logprobs[s : s + chunk]
+        k1s.append((kl_per_token(pol, ref, "k1") * rm).sum(-1))
+        k3s.append((kl_per_token(pol, ref, "k3") * rm).sum(-1))
+    return torch.cat(k1s), torch.cat(k3s), torch.cat(nlls)
 
 
 def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *, reward, toxicity, sentiment,
@@ -117,16 +115,17 @@ def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *,
     expanded = [p for p in prompts for _ in range(config.samples_per_prompt)]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    texts, lengths, ended, kls, nlls = [], [], [], [], []
+    texts, lengths, ended, kls, k3s, nlls = [], [], [], [], [], []
     for start in range(0, len(expanded), config.batch_size):
         batch = expanded[start : start + config.batch_size]
         roll = sample(model, tokenizer, batch, max_new_tokens=config.max_new_tokens,
                       temperature=config.temperature, generator=generator)
-        kl, nll = _kl_and_nll(model, roll, config.temperature, has_adapter)
+        k1, k3, nll = _kl_and_nll(model, roll, config.temperature, has_adapter)
         texts += roll.texts
         lengths += roll.lengths.tolist()
         ended += roll.ended.tolist()
-        kls += kl.tolist()
+        kls += k1.tolist()
+        k3s += k3.tolist()
         nlls += nll.tolist()
         if progress is not None:
             progress(len(batch))
@@ -153,6 +152,7 @@ def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *,
     }
     if has_adapter:
         metrics["kl/per_completion"] = float(np.mean(kls))
+        metrics["kl/k3_per_completion"] = float(np.mean(k3s))
         metrics["kl/per_token"] = float(np.sum(kls) / n_tokens) if n_tokens else 0.0
     samples = [
         {"prompt": p, "completion": t, "offensive": float(o), "vader_compound": float(c), "reward": float(r)}

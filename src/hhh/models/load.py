@@ -71,13 +71,23 @@ class LoraSettings:
     target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     )
+    # Adapt only the top N transformer blocks (None: all). Blocks below the first adapted one need no
+    # backward pass and keep no activations, which cuts both the time and the memory of an update.
+    top_layers: int | None = None
 
 
 def attach_lora(model, settings: LoraSettings):
     """Wrap `model` in a fresh trainable LoRA adapter; the base weights stay frozen and shared."""
     from peft import LoraConfig, get_peft_model
 
+    n_layers = model.config.num_hidden_layers
+    layers = None
+    if settings.top_layers is not None:
+        if not 0 < settings.top_layers <= n_layers:
+            raise ValueError(f"lora top_layers={settings.top_layers}: the model has {n_layers} layers")
+        layers = list(range(n_layers - settings.top_layers, n_layers))
     config = LoraConfig(
+        layers_to_transform=layers,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,

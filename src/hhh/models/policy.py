@@ -24,6 +24,27 @@ class Forward:
     logprobs: Tensor  # (B, R) log pi(a_t | s_t) at the temperature
     entropy: Tensor | None  # (B, R) entropy of pi(. | s_t) at the temperature
     values: Tensor | None  # (B, R) V(s_t), the state before token t
+    trunk: Tensor | None = None  # (B, Q+R, H) hidden states entering the first adapted layer
+
+
+# Architectures whose decoder takes `inputs_embeds` unscaled into its first layer, so that the frozen
+# trunk's output can be fed to the adapted top layers directly.
+_SPLITTABLE = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def frozen_trunk_depth(lm) -> int:
+    """How many bottom layers carry no adapter (0 when every layer does or the model is not splittable)."""
+    if lm.config.model_type not in _SPLITTABLE:
+        return 0
+    layers = _decoder_layers(lm)
+    for i, layer in enumerate(layers):
+        if any("lora_" in n for n, _ in layer.named_parameters()):
+            return i
+    return 0
+
+
+def _decoder_layers(lm) -> nn.ModuleList:
+    return lm.get_base_model().model.layers
 
 
 class PolicyWithValue(nn.Module):
@@ -36,6 +57,20 @@ class PolicyWithValue(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_head.to(next(lm.parameters()).device)
+        # Layers below the first adapted one compute the same thing for policy and reference and need
+        # no gradient: their output (the "trunk") is computed once per batch and reused by the
+        # reference pass and every PPO epoch, which then run only the adapted top layers.
+        self.split = frozen_trunk_depth(lm)
+
+    @contextmanager
+    def _top_layers_only(self):
+        decoder = self.lm.get_base_model().model
+        layers = decoder.layers
+        decoder.layers = layers[self.split :]
+        try:
+            yield
+        finally:
+            decoder.layers = layers
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -43,12 +78,33 @@ class PolicyWithValue(nn.Module):
     def forward_response(
         self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
         *, temperature: float, values: bool = True, entropy: bool = False,
+        trunk: Tensor | None = None, keep_trunk: bool = False,
     ) -> Forward:
+        """Log-probs (and entropy, values) of the response tokens.
+
+        trunk: hidden states from an earlier `keep_trunk=True` call on the same tokens; only the adapted
+        top layers then run. keep_trunk: return the trunk for later calls.
+        """
         ids = torch.cat([query_ids, response_ids], dim=1)
         mask = torch.cat([query_mask, response_mask], dim=1)
         R = response_ids.shape[1]
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                      logits_to_keep=R + 1, output_hidden_states=values)
+        kw = {"attention_mask": mask, "position_ids": positions(mask), "logits_to_keep": R + 1,
+              "output_hidden_states": values, "use_cache": False}
+        captured: list[Tensor] = []
+        if trunk is not None and self.split:
+            with self._top_layers_only():
+                out = self.lm(inputs_embeds=trunk, **kw)
+        else:
+            hook = None
+            if keep_trunk and self.split:
+                def grab(module, args, kwargs):
+                    captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+                hook = _decoder_layers(self.lm)[self.split].register_forward_pre_hook(grab, with_kwargs=True)
+            try:
+                out = self.lm(input_ids=ids, **kw)
+            finally:
+                if hook is not None:
+                    hook.remove()
         # Only the R response positions' logits exist (logits_to_keep): never (B, Q+R, V).
         logits = out.logits[:, :-1].float() / temperature  # position t predicts response token t
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -60,7 +116,7 @@ class PolicyWithValue(nn.Module):
         if values:
             hidden = out.hidden_states[-1][:, -(R + 1) : -1].float()  # states before each response token
             vals = self.value_head(hidden).squeeze(-1)
-        return Forward(logp, ent, vals)
+        return Forward(logp, ent, vals, captured[0] if captured else None)
 
     @contextmanager
     def reference(self):
@@ -79,10 +135,11 @@ class PolicyWithValue(nn.Module):
                 p.requires_grad_(flags[n])
 
     @torch.no_grad()
-    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float) -> Tensor:
+    def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
+                           trunk: Tensor | None = None) -> Tensor:
         with self.reference():
             return self.forward_response(query_ids, query_mask, response_ids, response_mask,
-                                         temperature=temperature, values=False).logprobs
+                                         temperature=temperature, values=False, trunk=trunk).logprobs
 
     def save(self, folder: str | Path) -> None:
         """PEFT adapter (loadable by peft.PeftModel.from_pretrained) + value_head.pt."""

@@ -65,10 +65,10 @@ def _old_forward(policy: PolicyWithValue, r: Rollout, config: PPOConfig) -> tupl
     parts, refs = [], []
     for s in _chunks(len(r.prompts), config.micro_batch_size):
         args = (r.query_ids[s], r.query_mask[s], r.response_ids[s], r.response_mask[s])
-        parts.append(policy.forward_response(*args, temperature=config.temperature, entropy=True))
-        refs.append(policy.reference_logprobs(*args, temperature=config.temperature))
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Forward(cat("logprobs"), cat("entropy"), cat("values")), torch.cat(refs)
+        parts.append(policy.forward_response(*args, temperature=config.temperature, entropy=True, keep_trunk=True))
+        refs.append(policy.reference_logprobs(*args, temperature=config.temperature, trunk=parts[-1].trunk))
+    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None  # noqa: E731
+    return Forward(cat("logprobs"), cat("entropy"), cat("values"), cat("trunk")), torch.cat(refs)
 
 
 def ppo_update(policy, optimizer, scheduler, r: Rollout, old: Forward, adv, returns, config: PPOConfig,
@@ -89,7 +89,8 @@ def ppo_update(policy, optimizer, scheduler, r: Rollout, old: Forward, adv, retu
             for micro in _chunks(len(idx_mb), config.micro_batch_size):
                 i = idx_mb[micro]
                 new = policy.forward_response(r.query_ids[i], r.query_mask[i], r.response_ids[i], r.response_mask[i],
-                                              temperature=config.temperature, entropy=config.ent_coef > 0)
+                                              temperature=config.temperature, entropy=config.ent_coef > 0,
+                                              trunk=None if old.trunk is None else old.trunk[i])
                 m = mask[i]
                 pg, clipfrac, approx_kl = ppo_policy_loss(new.logprobs, old.logprobs[i], adv[i], m,
                                                           config.cliprange, n_tokens)
@@ -137,7 +138,8 @@ def train_ppo(config: PPOConfig, run: RunDir, *, base=None, tokenizer=None, resu
     shaping = Shaped(base_reward, clip=clip, normalize=None if config.reward_normalize == "none" else config.reward_normalize)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     base = base if base is not None else load_causal_lm(config.model, device=config.device, dtype=config.dtype)
-    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout)
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                        top_layers=config.lora_layers)
     policy = build_policy(base, lora, init_adapter=config.init_adapter)
     device = next(policy.parameters()).device
 

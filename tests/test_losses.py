@@ -1,0 +1,149 @@
+import math
+
+import pytest
+import torch
+
+from hhh.losses import (
+    AdaptiveKL,
+    entropy_from_logits,
+    gae,
+    kl_per_token,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    shaped_rewards,
+    token_mean,
+    value_loss,
+)
+
+t = torch.tensor
+
+
+def test_masked_mean_and_whiten_ignore_masked_entries():
+    """x = [1, 2, 3, | 100] with the last masked: mean 2, sample var 1 -> whitened [-1, 0, 1, 0]."""
+    x, m = t([[1.0, 2.0, 3.0, 100.0]]), t([[1.0, 1.0, 1.0, 0.0]])
+    assert masked_mean(x, m).item() == pytest.approx(2.0)
+    torch.testing.assert_close(masked_whiten(x, m), t([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_kl_estimators_by_hand():
+    """log pi = -1, log ref = -2: k1 = 1; k3 = e^(ref - pi) - 1 - (ref - pi) = e^-1 - 1 + 1 = 0.3679."""
+    assert kl_per_token(t([-1.0]), t([-2.0]), "k1").item() == pytest.approx(1.0)
+    assert kl_per_token(t([-1.0]), t([-2.0]), "k3").item() == pytest.approx(math.exp(-1))
+    assert kl_per_token(t([-0.5]), t([-0.5]), "k3").item() == 0.0
+    # k3 >= 0 even where k1 < 0
+    assert kl_per_token(t([-2.0]), t([-1.0]), "k1").item() == -1.0
+    assert kl_per_token(t([-2.0]), t([-1.0]), "k3").item() == pytest.approx(math.e - 2)
+    with pytest.raises(ValueError):
+        kl_per_token(t([0.0]), t([0.0]), "k2")
+
+
+def test_shaped_rewards_put_the_score_on_the_last_real_token():
+    """beta 0.1. Row 0 (3 tokens): [-0.01, -0.02, -0.03 + 1]. Row 1 (2 tokens, then pad): [-0.05, -0.05 + 2, 0]."""
+    kl = t([[0.1, 0.2, 0.3], [0.5, 0.5, 7.0]])
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    out = shaped_rewards(t([1.0, 2.0]), kl, mask, beta=0.1)
+    torch.testing.assert_close(out, t([[-0.01, -0.02, 0.97], [-0.05, 1.95, 0.0]]))
+
+
+def test_gae_by_hand():
+    """gamma 1, lambda 0.5, r = [0, 0, 1], V = [0.5, 0.2, 0.4]:
+    d2 = 1 - 0.4 = 0.6 -> A2 = 0.6;  d1 = 0.4 - 0.2 = 0.2 -> A1 = 0.2 + 0.5*0.6 = 0.5;
+    d0 = 0.2 - 0.5 = -0.3 -> A0 = -0.3 + 0.5*0.5 = -0.05;  returns = A + V = [0.45, 0.7, 1.0]."""
+    adv, ret = gae(t([[0.0, 0.0, 1.0]]), t([[0.5, 0.2, 0.4]]), torch.ones(1, 3), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, t([[-0.05, 0.5, 0.6]]))
+    torch.testing.assert_close(ret, t([[0.45, 0.7, 1.0]]))
+
+
+def test_gae_stops_at_eos():
+    """mask [1, 1, 0], r = [0, 1, junk], V = [0.5, 0.2, 9]: V after EOS counts as 0.
+    d1 = 1 - 0.2 = 0.8 -> A1 = 0.8;  d0 = 0.2 - 0.5 = -0.3 -> A0 = -0.3 + 0.5*0.8 = 0.1;  A2 = 0."""
+    adv, ret = gae(t([[0.0, 1.0, 5.0]]), t([[0.5, 0.2, 9.0]]), t([[1.0, 1.0, 0.0]]), gamma=1.0, lam=0.5)
+    torch.testing.assert_close(adv, t([[0.1, 0.8, 0.0]]))
+    torch.testing.assert_close(ret, t([[0.6, 1.0, 0.0]]))
+
+
+def slow_gae(rewards, values, mask, gamma, lam):
+    """Obviously correct: per row, per timestep, in plain Python."""
+    B, T = rewards.shape
+    adv = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        n = int(mask[b].sum())
+        for s in range(n):
+            total = 0.0
+            for k in range(s, n):
+                v_next = float(values[b, k + 1]) if k + 1 < n else 0.0
+                delta = float(rewards[b, k]) + gamma * v_next - float(values[b, k])
+                total += (gamma * lam) ** (k - s) * delta
+            adv[b][s] = total
+    return torch.tensor(adv)
+
+
+def test_batched_gae_equals_the_slow_loop():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(5, 9, generator=g), torch.randn(5, 9, generator=g)
+    lengths = torch.tensor([9, 1, 4, 0, 7])
+    mask = (torch.arange(9)[None] < lengths[:, None]).float()
+    adv, _ = gae(rewards * mask, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, slow_gae(rewards * mask, values, mask, 0.9, 0.8), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "adv, ratio, loss, clipfrac",
+    [
+        (1.0, 1.5, -1.2, 1.0),  # good action pushed too far up: clipped at 1 + eps, no gradient
+        (1.0, 0.5, -0.5, 0.0),  # good action made less likely: unclipped, pulled back up
+        (-1.0, 0.5, 0.8, 1.0),  # bad action pushed too far down: clipped at 1 - eps
+        (-1.0, 1.1, 1.1, 0.0),  # bad action inside the trust region: unclipped
+    ],
+)
+def test_ppo_clip_regimes_by_hand(adv, ratio, loss, clipfrac):
+    """L = max(-A r, -A clip(r, 0.8, 1.2)); e.g. A = 1, r = 1.5: max(-1.5, -1.2) = -1.2."""
+    old = t([[-1.0]])
+    logp = (old + math.log(ratio)).requires_grad_()
+    out, cf, approx_kl = ppo_policy_loss(logp, old, t([[adv]]), torch.ones(1, 1), clip=0.2)
+    assert out.item() == pytest.approx(loss)
+    assert cf.item() == clipfrac
+    assert approx_kl.item() == pytest.approx(0.5 * math.log(ratio) ** 2)
+    out.backward()
+    assert (logp.grad.abs().item() == 0.0) == (clipfrac == 1.0)
+
+
+def test_ppo_loss_ignores_tokens_after_eos():
+    old, adv = t([[-1.0, -1.0, -1.0]]), t([[1.0, -1.0, 50.0]])
+    a, _, _ = ppo_policy_loss(t([[-1.0, -1.0, 3.0]]), old, adv, t([[1.0, 1.0, 0.0]]))
+    b, _, _ = ppo_policy_loss(t([[-1.0, -1.0, -9.0]]), old, adv, t([[1.0, 1.0, 0.0]]))
+    assert a.item() == b.item() == pytest.approx(0.0)
+
+
+def test_value_loss_by_hand():
+    """V = 1, V_old = 0.5, R = 2, eps 0.2: clip(V) = 0.7; max((1-2)^2, (0.7-2)^2) = 1.69 -> 0.845, clipped.
+    V = 0.6, V_old = 0.5, R = 0: inside the clip, 0.5 * 0.36 = 0.18."""
+    loss, frac = value_loss(t([[1.0]]), t([[0.5]]), t([[2.0]]), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(0.845) and frac.item() == 1.0
+    loss, frac = value_loss(t([[0.6]]), t([[0.5]]), t([[0.0]]), torch.ones(1, 1), clip=0.2)
+    assert loss.item() == pytest.approx(0.18) and frac.item() == 0.0
+
+
+def test_token_mean_over_micro_batches_equals_the_whole_batch():
+    x, m = torch.randn(4, 5), (torch.rand(4, 5) > 0.3).float()
+    n = m.sum()
+    parts = token_mean(x[:1], m[:1], n) + token_mean(x[1:], m[1:], n)
+    assert parts.item() == pytest.approx(masked_mean(x, m).item(), abs=1e-6)
+
+
+def test_entropy_by_hand():
+    """logits [0, ln 3] -> p = [1/4, 3/4] -> H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623; uniform over 4 -> ln 4."""
+    assert entropy_from_logits(t([0.0, math.log(3)])).item() == pytest.approx(0.5623, abs=1e-4)
+    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
+
+
+def test_adaptive_kl_by_hand():
+    """beta 0.1, target 6, horizon 10000, 100 samples: KL 12 -> e = clip(1, 0.2) = 0.2 -> 0.1 * 1.002;
+    KL 3 -> e = clip(-0.5) = -0.2 -> 0.1 * 0.998."""
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
+    assert ctl.update(12.0, 100) == pytest.approx(0.1002)
+    ctl = AdaptiveKL(0.1, target=6.0, horizon=10_000)
+    assert ctl.update(3.0, 100) == pytest.approx(0.0998)
+    fixed = AdaptiveKL(0.1)
+    assert fixed.update(100.0, 100) == 0.1

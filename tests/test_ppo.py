@@ -1,0 +1,142 @@
+import json
+
+import pytest
+import torch
+
+from hhh.config import PPOConfig
+from hhh.models import tiny_causal_lm
+from hhh.runs import RunDir
+from hhh.train.ppo import train_ppo
+from tests import toy_rewards
+from tests.conftest import with_eos_bias
+
+TOY = dict(prompts="redteam:train", reward="tests.toy_rewards:hello", second_scorer="length:8",
+           batch_size=16, minibatch_size=8, micro_batch_size=8, max_new_tokens=6, lr=1e-2, lora_r=8,
+           lora_alpha=16, val_prompts=4, val_every=3, checkpoint_every=2, ent_coef=0.0, kl_coef=0.01)
+
+
+def hello_model(tokenizer, seed=0):
+    """A tiny random model that says ' hello' ~15% of the time: something PPO can reinforce."""
+    return with_eos_bias(tiny_causal_lm(tokenizer, seed=seed), tokenizer.convert_tokens_to_ids("Ġhello"), 6.3)
+
+
+def run_ppo(tokenizer, tmp_path, name, resume=False, **overrides):
+    config = PPOConfig(**{**TOY, **overrides, "out": str(tmp_path / name)})
+    run = RunDir(config.out) if resume else RunDir.create("ppo", config, config.out)
+    result = train_ppo(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, resume=resume)
+    return run, result
+
+
+def test_kl_is_exactly_zero_at_the_first_step(tokenizer, tmp_path):
+    run, _ = run_ppo(tokenizer, tmp_path, "a", steps=1)
+    first = run.metrics()[0]
+    assert first["kl/k1"] == 0.0 and first["kl/k3"] == 0.0
+    assert first["policy/approxkl"] >= 0
+
+
+def test_ppo_raises_a_simple_reward_and_beta_adapts_up(tokenizer, tmp_path):
+    run, result = run_ppo(tokenizer, tmp_path, "learn", steps=24, batch_size=32, minibatch_size=16,
+                          micro_batch_size=16, kl_target=1.0, kl_horizon=100)
+    m = run.metrics()
+    early = sum(x["reward/score"] for x in m[:3]) / 3
+    late = sum(x["reward/score"] for x in m[-3:]) / 3
+    assert late > early + 0.2, (early, late)
+    assert m[-1]["kl/k1"] > 1.0 and m[-1]["kl/beta"] > 0.01, "KL above target: beta must grow"
+    assert result.best_step is not None and (run.path / "best" / "adapter_config.json").is_file()
+    # the final adapter loads with plain PEFT
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(hello_model(tokenizer), str(run.path / "adapter"))
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+
+
+def test_beta_adapts_down_below_target(tokenizer, tmp_path):
+    run, _ = run_ppo(tokenizer, tmp_path, "down", steps=3, kl_target=50.0, kl_horizon=100)
+    assert run.metrics()[-1]["kl/beta"] < 0.01
+
+
+def test_every_step_logs_the_documented_metrics(tokenizer, tmp_path):
+    run, _ = run_ppo(tokenizer, tmp_path, "names", steps=1)
+    m = run.metrics()[0]
+    for key in ("reward/score", "reward/mean", "kl/k1", "kl/k3", "kl/beta", "policy/entropy", "policy/clipfrac",
+                "policy/approxkl", "loss/policy", "loss/value", "length/mean", "eos_rate", "time/step_s",
+                "second/score", "samples/distinct_2", "alarms"):
+        assert key in m, key
+
+
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
+    straight, _ = run_ppo(tokenizer, tmp_path, "straight", steps=5)
+    toy_rewards.CALLS.update(n=0, interrupt_at=2)  # Ctrl-C during step 2
+    cut, result = run_ppo(tokenizer, tmp_path, "cut", steps=5, reward="tests.toy_rewards:hello_then_ctrl_c")
+    assert result.stopped == "interrupted" and result.steps_done == 2
+    assert json.loads((cut.path / "checkpoints" / "last" / "state.json").read_text())["step"] == 2
+    toy_rewards.CALLS.update(n=0, interrupt_at=None)
+    _, resumed = run_ppo(tokenizer, tmp_path, "cut", resume=True, steps=5,
+                         reward="tests.toy_rewards:hello_then_ctrl_c")
+    assert resumed.steps_done == 5
+
+    def strip(ms):
+        return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]
+
+    assert strip(cut.metrics()) == strip(straight.metrics())
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer):
+    """One minibatch of 8 as 1 micro-batch of 8 or 8 of 1: the same gradient. Plain SGD with lr 1
+    turns the gradient into the weight change (Adam would amplify float noise in near-zero gradients)."""
+    from hhh.losses import gae, masked_whiten
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.rollout import sample
+    from hhh.train.loop import linear_decay
+    from hhh.train.ppo import _old_forward, ppo_update
+
+    changes = []
+    for micro in (8, 1):
+        config = PPOConfig(**{**TOY, "batch_size": 8, "minibatch_size": 8, "micro_batch_size": micro,
+                              "ppo_epochs": 1, "ent_coef": 0.01, "max_grad_norm": 1e9})
+        policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        r = sample(policy.lm, tokenizer, ["a", "bb", "ccc", "d d", "e", "f f f", "g", "h"], max_new_tokens=6,
+                   generator=torch.Generator().manual_seed(0))
+        old, _ = _old_forward(policy, r, config)
+        mask = r.response_mask.float()
+        adv, ret = gae(torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask, old.values, mask)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+        ppo_update(policy, opt, linear_decay(opt, 10), r, old, masked_whiten(adv, mask), ret, config,
+                   torch.Generator().manual_seed(0))
+        changes.append({n: p.detach() - before[n] for n, p in policy.named_parameters() if p.requires_grad})
+    assert any(c.abs().max() > 1e-4 for c in changes[0].values())
+    for n in changes[0]:
+        torch.testing.assert_close(changes[0][n], changes[1][n], atol=1e-6, rtol=1e-4)
+
+
+def test_top_layer_adapter_trunk_reuse_matches_full_forward(tokenizer):
+    from hhh.models import LoraSettings, attach_lora
+    from hhh.models.policy import PolicyWithValue
+
+    policy = PolicyWithValue(attach_lora(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2)))
+    assert policy.split == 2
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n or "value_head" in n:
+                p.normal_(0, 0.3)
+    q, r = torch.randint(5, 500, (3, 6)), torch.randint(5, 500, (3, 5))
+    qm, rm = torch.ones_like(q), torch.ones_like(r)
+    qm[0, :2], rm[1, 3:] = 0, 0
+    full = policy.forward_response(q, qm, r, rm, temperature=0.7, entropy=True, keep_trunk=True)
+    top = policy.forward_response(q, qm, r, rm, temperature=0.7, entropy=True, trunk=full.trunk)
+    for a, b in ((full.logprobs, top.logprobs), (full.values, top.values), (full.entropy, top.entropy)):
+        torch.testing.assert_close(a, b)
+    with policy.lm.disable_adapter(), torch.no_grad():
+        plain = policy.forward_response(q, qm, r, rm, temperature=0.7, values=False).logprobs
+    torch.testing.assert_close(policy.reference_logprobs(q, qm, r, rm, temperature=0.7, trunk=full.trunk), plain)
+
+
+def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="val_prompts=999"):
+        run_ppo(tokenizer, tmp_path, "bad", steps=1, val_prompts=999)

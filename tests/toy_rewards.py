@@ -1,0 +1,18 @@
+"""Rewards used by the training tests (importable as tests.toy_rewards:NAME)."""
+
+import signal
+
+CALLS = {"n": 0, "interrupt_at": None}
+
+
+def hello(prompts, completions):
+    """Fraction of words that are 'hello'."""
+    return [c.split().count("hello") / max(len(c.split()), 1) for c in completions]
+
+
+def hello_then_ctrl_c(prompts, completions):
+    """As `hello`, and sends this process SIGINT (Ctrl-C) on call number CALLS['interrupt_at']."""
+    CALLS["n"] += 1
+    if CALLS["n"] == CALLS["interrupt_at"]:
+        signal.raise_signal(signal.SIGINT)
+    return hello(prompts, completions)
