@@ -48,3 +48,12 @@ def test_configs_are_frozen():
     c = EvalConfig()
     with pytest.raises(ValidationError):
         c.seed = 3  # type: ignore[misc]
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+
+    from hhh.config import DetoxConfig
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "detox.toml"
+    assert load_config(DetoxConfig, path).reward == "toxicity"

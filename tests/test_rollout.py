@@ -20,6 +20,8 @@ def test_logprobs_equal_a_fresh_forward_pass(tiny, tokenizer):
     r = sample(model, tokenizer, PROMPTS * 2, max_new_tokens=12, temperature=0.7, generator=g)
     fresh = response_logprobs(model, r.query_ids, r.query_mask, r.response_ids, r.response_mask, temperature=0.7)
     torch.testing.assert_close(fresh, r.logprobs, atol=1e-4, rtol=1e-4)
+    at_one = response_logprobs(model, r.query_ids, r.query_mask, r.response_ids, r.response_mask, temperature=1.0)
+    torch.testing.assert_close(at_one, r.logprobs_t1, atol=1e-4, rtol=1e-4)
 
 
 def test_masks_stop_at_eos_and_ignore_everything_after(tiny, tokenizer):

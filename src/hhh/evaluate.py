@@ -120,7 +120,11 @@ def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *,
         batch = expanded[start : start + config.batch_size]
         roll = sample(model, tokenizer, batch, max_new_tokens=config.max_new_tokens,
                       temperature=config.temperature, generator=generator)
-        k1, k3, nll = _kl_and_nll(model, roll, config.temperature, has_adapter)
+        if has_adapter:
+            k1, k3, nll = _kl_and_nll(model, roll, config.temperature, has_adapter)
+        else:  # the sampling model is the base model: its log-probs at T = 1 were recorded while sampling
+            nll = -(roll.logprobs_t1 * roll.response_mask).sum(-1)
+            k1 = k3 = torch.zeros_like(nll)
         texts += roll.texts
         lengths += roll.lengths.tolist()
         ended += roll.ended.tolist()

@@ -25,6 +25,7 @@ class Rollout:
     logprobs: Tensor  # (B, R) log pi(a_t | s_t) at the sampling temperature; 0 where masked
     ended: Tensor  # (B,) bool, the completion emitted EOS within max_new_tokens
     texts: list[str]  # decoded completions without special tokens
+    logprobs_t1: Tensor | None = None  # (B, R) log-probs of the same tokens at temperature 1 (for perplexity)
 
     @property
     def lengths(self) -> Tensor:  # (B,) completion tokens, EOS included
@@ -108,7 +109,7 @@ def sample(
     out = model(input_ids=query_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
     past, logits = out.past_key_values, out.logits[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
-    tokens, logps, live = [], [], []
+    tokens, logps, logps_t1, live = [], [], [], []
     for _ in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
         # Inverse-CDF sampling: one uniform per row. Exact, and far cheaper than torch.multinomial
@@ -119,6 +120,8 @@ def sample(
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         live.append(~done)
         logps.append(torch.where(done, 0.0, logp_all.gather(-1, nxt[:, None]).squeeze(-1)))
+        untempered = logits.float().gather(-1, nxt[:, None]).squeeze(-1) - torch.logsumexp(logits.float(), -1)
+        logps_t1.append(torch.where(done, 0.0, untempered))
         tokens.append(nxt)
         done = done | (nxt == eos_id)
         if bool(done.all()):
@@ -143,6 +146,7 @@ def sample(
         logprobs=torch.stack(logps, 1),
         ended=done & (response_ids == eos_id).any(-1),
         texts=[t.strip() for t in texts],
+        logprobs_t1=torch.stack(logps_t1, 1),
     )
 
 
