@@ -32,12 +32,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from hhh.data import load_prompts
-    from hhh.evaluate import evaluate, results_table
+    from hhh.evaluate import evaluate, results_table, set_and_samples
     from hhh.runs import RunDir, seed_everything
 
     config = _settings(args, EvalConfig)
     for spec in config.prompts:  # fail on a bad prompt set before loading any model
-        load_prompts(spec)
+        load_prompts(set_and_samples(spec, 1)[0])
     console = Console()
     run = RunDir.create("eval", config, config.out)
     seed_everything(config.seed)

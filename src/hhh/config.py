@@ -47,7 +47,8 @@ class GenerationSettings(Settings):
 
 class EvalConfig(GenerationSettings):
     adapter: str | None = Field(None, description="PEFT adapter folder to evaluate on top of the model")
-    prompts: list[str] = Field(["redteam:eval", "benign:eval"], description="prompt sets, comma-separated")
+    prompts: list[str] = Field(["redteam:eval", "benign:eval"],
+                               description="prompt sets, comma-separated; SET*N samples N per prompt of that set")
     samples_per_prompt: int = Field(4, gt=0, description="completions sampled per prompt")
     max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each set")
     batch_size: int = Field(64, gt=0, description="completions sampled at once")
@@ -115,16 +116,19 @@ class PPOConfig(GenerationSettings):
     prompts: str = Field("redteam:train", description="training prompt set")
     reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
     reward_normalize: typing.Literal["none", "batch", "running"] = Field(
-        "none", description="normalise scores: none, per batch, or by running mean/std")
+        "running", description="normalise scores: none, per batch, or by running mean/std")
+    # "running" (Ziegler et al. normalise the reward on samples of the initial policy): scores of mean 0
+    # match the zero-initialised value head, so GAE with lambda < 1 does not start with a bias that
+    # rewards ending early whatever was said.
     reward_clip: float | None = Field(None, gt=0, description="clip (normalised) scores to +-this")
     no_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of completions without EOS")
     # schedule
-    steps: int = Field(14, gt=0, description="PPO steps (rollout + update)")
+    steps: int = Field(10, gt=0, description="PPO steps (rollout + update)")
     batch_size: int = Field(32, gt=0, description="completions per step")
     minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
     micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
     ppo_epochs: int = Field(2, gt=0, description="passes over each batch")
-    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     # PPO
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
@@ -132,7 +136,7 @@ class PPOConfig(GenerationSettings):
     cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
     cliprange_value: float = Field(0.2, gt=0, description="value clip around old values")
     vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
-    ent_coef: float = Field(0.01, ge=0, description="entropy bonus coefficient")
+    ent_coef: float = Field(0.001, ge=0, description="entropy bonus coefficient")
     whiten_advantages: bool = Field(True, description="whiten advantages over each batch")
     # KL
     kl_coef: float = Field(0.05, ge=0, description="initial beta of the per-token KL penalty")
@@ -143,10 +147,10 @@ class PPOConfig(GenerationSettings):
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_layers: int | None = Field(None, gt=0, description="adapt only the top N layers (None: all)")
+    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
     init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
     # guards against reward hacking
-    kl_budget: float | None = Field(8.0, gt=0, description="KL nats/completion that triggers the budget action")
+    kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
     kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise beta x1.5")
     entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
     length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
@@ -159,7 +163,8 @@ class PPOConfig(GenerationSettings):
 
 
 class DetoxConfig(PPOConfig):
-    eval_prompts: list[str] = Field(["redteam:eval", "benign:eval"], description="prompt sets evaluated before/after")
+    eval_prompts: list[str] = Field(["redteam:eval", "benign:eval*2"],
+                                    description="prompt sets evaluated before/after (SET*N: N samples per prompt)")
     eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
     eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
     eval_batch_size: int = Field(64, gt=0, description="completions sampled at once in evaluation")

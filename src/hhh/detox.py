@@ -23,7 +23,7 @@ def detox(config: DetoxConfig | None = None, *, resume: str | None = None, conso
     from rich.console import Console
 
     from hhh.data import load_prompts
-    from hhh.evaluate import compare_table, evaluate
+    from hhh.evaluate import compare_table, evaluate, set_and_samples
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.report import write_report
     from hhh.train.ppo import train_ppo
@@ -38,7 +38,7 @@ def detox(config: DetoxConfig | None = None, *, resume: str | None = None, conso
     else:
         config = config or DetoxConfig()
         for spec in [config.prompts, *config.eval_prompts]:  # fail on bad data before any model loads
-            load_prompts(spec)
+            load_prompts(set_and_samples(spec, 1)[0])
         run = RunDir.create("detox", config, config.out)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model)

@@ -188,12 +188,16 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag:
             model = load_adapter(model, config.adapter)
     has_adapter = hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
     reward, toxicity, sentiment = build_reward(config.reward, device=config.device), Toxicity(), Sentiment()
-    sets = {spec: load_prompts(spec, limit=config.max_prompts) for spec in config.prompts}
+    sets = {}
+    for entry in config.prompts:
+        spec, n = set_and_samples(entry, config.samples_per_prompt)
+        sets[spec] = (load_prompts(spec, limit=config.max_prompts), n)
     results: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as bar:
-        for spec, prompts in sets.items():
-            task = bar.add_task(f"eval {spec}", total=len(prompts) * config.samples_per_prompt)
-            res = evaluate_set(model, tokenizer, spec, prompts, config, reward=reward, toxicity=toxicity,
+        for spec, (prompts, n) in sets.items():
+            task = bar.add_task(f"eval {spec}", total=len(prompts) * n)
+            res = evaluate_set(model, tokenizer, spec, prompts, config.model_copy(update={"samples_per_prompt": n}),
+                               reward=reward, toxicity=toxicity,
                                sentiment=sentiment, has_adapter=has_adapter,
                                progress=lambda k, t=task: bar.advance(t, k))
             results[spec] = res.metrics
@@ -206,6 +210,14 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag:
     if run is not None:
         run.write_json(f"eval_{tag}.json" if tag else "eval.json", results)
     return results
+
+
+def set_and_samples(spec: str, default: int) -> tuple[str, int]:
+    """'benign:eval*2' -> ('benign:eval', 2): a prompt set with its own samples per prompt."""
+    name, star, n = spec.rpartition("*")
+    if star and n.isdigit() and int(n) > 0:
+        return name, int(n)
+    return spec, default
 
 
 def samples_file(spec: str, tag: str = "") -> str:

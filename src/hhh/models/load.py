@@ -83,9 +83,10 @@ def attach_lora(model, settings: LoraSettings):
     n_layers = model.config.num_hidden_layers
     layers = None
     if settings.top_layers is not None:
-        if not 0 < settings.top_layers <= n_layers:
-            raise ValueError(f"lora top_layers={settings.top_layers}: the model has {n_layers} layers")
-        layers = list(range(n_layers - settings.top_layers, n_layers))
+        if settings.top_layers <= 0:
+            raise ValueError(f"lora top_layers must be positive, got {settings.top_layers}")
+        if settings.top_layers < n_layers:  # asking for as many layers as the model has (or more) means all
+            layers = list(range(n_layers - settings.top_layers, n_layers))
     config = LoraConfig(
         layers_to_transform=layers,
         r=settings.r,
