@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    # peft calls a transformers API that warns it is renamed; nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
