@@ -70,7 +70,8 @@ def test_short_detox_on_the_bundled_model(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, after = (json.loads((out / f).read_text()) for f in ("eval_before.json", "eval.json"))
     assert before["redteam:eval"]["n"] == after["redteam:eval"]["n"] == 8
-    assert 0 <= after["redteam:eval"]["kl/per_completion"] < 5
+    # k1 over 8 samples is unbiased but can be slightly negative; k3 is never negative
+    assert abs(after["redteam:eval"]["kl/per_completion"]) < 5 and after["redteam:eval"]["kl/k3_per_completion"] >= 0
     from peft import PeftModel
 
     from hhh.models import load_causal_lm

@@ -140,3 +140,35 @@ def test_top_layer_adapter_trunk_reuse_matches_full_forward(tokenizer):
 def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="val_prompts=999"):
         run_ppo(tokenizer, tmp_path, "bad", steps=1, val_prompts=999)
+
+
+def test_separate_critic_keeps_the_value_loss_out_of_the_policy(tokenizer):
+    from hhh.losses import value_loss
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2), critic="separate")
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n or "value_head" in n:
+                p.normal_(0, 0.3)
+    q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
+    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    full = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, keep_trunk=True)
+    top = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, trunk=full.trunk)
+    torch.testing.assert_close(full.values, top.values)  # the critic reuses the frozen trunk too
+    loss, _ = value_loss(top.values, torch.zeros_like(top.values), torch.ones_like(top.values), ones_r.float())
+    loss.backward()
+    grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
+    assert all(g is None or g.abs().max() == 0 for n, g in grads.items() if ".default." in n)
+    assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if ".critic." in n)
+    assert policy.value_head.weight.grad.abs().max() > 0
+
+
+def test_separate_critic_checkpoints_and_resumes(tokenizer, tmp_path):
+    run, result = run_ppo(tokenizer, tmp_path, "critic", steps=2, critic="separate")
+    assert (run.path / "checkpoints" / "last" / "critic" / "adapter_model.safetensors").is_file()
+    assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
+    config = PPOConfig(**{**TOY, "steps": 3, "critic": "separate", "out": str(run.path)})
+    resumed = train_ppo(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, resume=True)
+    assert resumed.steps_done == 3 and [m["step"] for m in run.metrics()] == [1, 2, 3]

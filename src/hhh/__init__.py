@@ -1,1 +1,31 @@
-"""hhh: align instruction-tuned language models."""
+"""hhh: align instruction-tuned language models (helpful, honest, harmless).
+
+The public API, imported lazily so that `import hhh` stays light:
+
+    >>> from hhh import DetoxConfig, detox
+    >>> run = detox(DetoxConfig(steps=2))  # doctest: +SKIP
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "DetoxConfig": "hhh.config",
+    "EvalConfig": "hhh.config",
+    "PPOConfig": "hhh.config",
+    "load_config": "hhh.config",
+    "detox": "hhh.detox",
+    "evaluate": "hhh.evaluate",
+    "train_ppo": "hhh.train.ppo",
+    "sample": "hhh.rollout",
+    "build_reward": "hhh.rewards",
+    "load_prompts": "hhh.data",
+    "RunDir": "hhh.runs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hhh' has no attribute {name!r}")

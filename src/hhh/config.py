@@ -138,6 +138,8 @@ class PPOConfig(GenerationSettings):
     vf_coef: float = Field(0.1, ge=0, description="value loss coefficient")
     ent_coef: float = Field(0.001, ge=0, description="entropy bonus coefficient")
     whiten_advantages: bool = Field(True, description="whiten advantages over each batch")
+    critic: typing.Literal["shared", "separate"] = Field(
+        "shared", description="value head on the policy's backbone, or on a separate critic adapter")
     # KL
     kl_coef: float = Field(0.05, ge=0, description="initial beta of the per-token KL penalty")
     kl_target: float | None = Field(None, gt=0, description="adaptive beta target KL in nats/completion (None: fixed)")

@@ -76,9 +76,8 @@ class LoraSettings:
     top_layers: int | None = None
 
 
-def attach_lora(model, settings: LoraSettings):
-    """Wrap `model` in a fresh trainable LoRA adapter; the base weights stay frozen and shared."""
-    from peft import LoraConfig, get_peft_model
+def lora_config(model, settings: LoraSettings):
+    from peft import LoraConfig
 
     n_layers = model.config.num_hidden_layers
     layers = None
@@ -87,7 +86,7 @@ def attach_lora(model, settings: LoraSettings):
             raise ValueError(f"lora top_layers must be positive, got {settings.top_layers}")
         if settings.top_layers < n_layers:  # asking for as many layers as the model has (or more) means all
             layers = list(range(n_layers - settings.top_layers, n_layers))
-    config = LoraConfig(
+    return LoraConfig(
         layers_to_transform=layers,
         r=settings.r,
         lora_alpha=settings.alpha,
@@ -95,7 +94,13 @@ def attach_lora(model, settings: LoraSettings):
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+
+
+def attach_lora(model, settings: LoraSettings):
+    """Wrap `model` in a fresh trainable LoRA adapter; the base weights stay frozen and shared."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, settings))
 
 
 def load_adapter(model, adapter: str | Path, *, trainable: bool = False, name: str = "default"):

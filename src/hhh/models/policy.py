@@ -4,7 +4,9 @@ One copy of the base weights serves three roles:
   policy     base + the trainable adapter "default"
   reference  base with the adapter disabled, or base + a frozen "reference" adapter when training
              starts from an existing adapter
-  critic     a value head on the policy's last hidden state (shared backbone, default)
+  critic     a value head on the policy's last hidden state (shared backbone, default), or on the
+             last hidden state of a second adapter "critic" (separate critic: the value loss then
+             never moves the policy)
 """
 
 from __future__ import annotations
@@ -48,10 +50,11 @@ def _decoder_layers(lm) -> nn.ModuleList:
 
 
 class PolicyWithValue(nn.Module):
-    def __init__(self, lm, *, has_reference_adapter: bool = False) -> None:
+    def __init__(self, lm, *, has_reference_adapter: bool = False, separate_critic: bool = False) -> None:
         super().__init__()
         self.lm = lm  # a peft.PeftModel with a trainable adapter named "default"
         self.has_reference_adapter = has_reference_adapter
+        self.separate_critic = separate_critic
         self.value_head = nn.Linear(lm.config.hidden_size, 1)
         # Zero init: V = 0 everywhere at step 0, so the first advantages are the returns themselves.
         nn.init.zeros_(self.value_head.weight)
@@ -89,7 +92,7 @@ class PolicyWithValue(nn.Module):
         mask = torch.cat([query_mask, response_mask], dim=1)
         R = response_ids.shape[1]
         kw = {"attention_mask": mask, "position_ids": positions(mask), "logits_to_keep": R + 1,
-              "output_hidden_states": values, "use_cache": False}
+              "output_hidden_states": values and not self.separate_critic, "use_cache": False}
         captured: list[Tensor] = []
         if trunk is not None and self.split:
             with self._top_layers_only():
@@ -114,9 +117,32 @@ class PolicyWithValue(nn.Module):
             ent = -(logp_all.exp() * logp_all).sum(-1)
         vals = None
         if values:
-            hidden = out.hidden_states[-1][:, -(R + 1) : -1].float()  # states before each response token
+            hidden_states = out.hidden_states
+            if self.separate_critic:
+                trunk_in = trunk if trunk is not None else (captured[0] if captured else None)
+                hidden_states = self._critic_hidden(ids, trunk_in, {**kw, "output_hidden_states": True,
+                                                                    "logits_to_keep": 1})
+            hidden = hidden_states[-1][:, -(R + 1) : -1].float()  # states before each response token
             vals = self.value_head(hidden).squeeze(-1)
         return Forward(logp, ent, vals, captured[0] if captured else None)
+
+    @contextmanager
+    def _adapter(self, name: str):
+        flags = {n: p.requires_grad for n, p in self.lm.named_parameters()}
+        self.lm.set_adapter(name)
+        try:
+            yield
+        finally:
+            self.lm.set_adapter("default")
+            for n, p in self.lm.named_parameters():  # set_adapter changes requires_grad; put it back
+                p.requires_grad_(flags[n])
+
+    def _critic_hidden(self, ids: Tensor, trunk: Tensor | None, kw: dict):
+        with self._adapter("critic"):
+            if trunk is not None and self.split:
+                with self._top_layers_only():
+                    return self.lm(inputs_embeds=trunk, **kw).hidden_states
+            return self.lm(input_ids=ids, **kw).hidden_states
 
     @contextmanager
     def reference(self):
@@ -125,14 +151,8 @@ class PolicyWithValue(nn.Module):
             with self.lm.disable_adapter():
                 yield self
             return
-        flags = {n: p.requires_grad for n, p in self.lm.named_parameters()}
-        self.lm.set_adapter("reference")
-        try:
+        with self._adapter("reference"):
             yield self
-        finally:
-            self.lm.set_adapter("default")
-            for n, p in self.lm.named_parameters():  # set_adapter changes requires_grad; put it back
-                p.requires_grad_(flags[n])
 
     @torch.no_grad()
     def reference_logprobs(self, query_ids, query_mask, response_ids, response_mask, *, temperature: float,
@@ -142,9 +162,11 @@ class PolicyWithValue(nn.Module):
                                          temperature=temperature, values=False, trunk=trunk).logprobs
 
     def save(self, folder: str | Path) -> None:
-        """PEFT adapter (loadable by peft.PeftModel.from_pretrained) + value_head.pt."""
+        """PEFT adapter (loadable by peft.PeftModel.from_pretrained) + value_head.pt (+ critic/ adapter)."""
         folder = Path(folder)
         self.lm.save_pretrained(folder, selected_adapters=["default"])
+        if self.separate_critic:
+            self.lm.save_pretrained(folder, selected_adapters=["critic"])  # peft writes it to folder/critic
         torch.save(self.value_head.state_dict(), folder / "value_head.pt")
 
     def load(self, folder: str | Path) -> None:
@@ -153,19 +175,29 @@ class PolicyWithValue(nn.Module):
 
         folder = Path(folder)
         set_peft_model_state_dict(self.lm, load_file(str(folder / "adapter_model.safetensors")), adapter_name="default")
+        if self.separate_critic:
+            critic = load_file(str(folder / "critic" / "adapter_model.safetensors"))
+            set_peft_model_state_dict(self.lm, critic, adapter_name="critic")
         self.value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
 
 
-def build_policy(base, lora, *, init_adapter: str | None = None) -> PolicyWithValue:
+def build_policy(base, lora, *, init_adapter: str | None = None, critic: str = "shared") -> PolicyWithValue:
     """Wrap a base causal LM: fresh LoRA (reference = adapter disabled) or, from `init_adapter`, a
-    trainable copy of that adapter plus a frozen one as the reference."""
-    from hhh.models.load import attach_lora, load_adapter
+    trainable copy of that adapter plus a frozen one as the reference. critic="separate" adds a
+    second trainable adapter "critic" on the same base for the value function."""
+    from hhh.models.load import attach_lora, load_adapter, lora_config
 
+    if critic not in ("shared", "separate"):
+        raise ValueError(f"critic must be 'shared' or 'separate', got {critic!r}")
     if init_adapter is None:
-        return PolicyWithValue(attach_lora(base, lora))
-    lm = load_adapter(base, init_adapter, trainable=True, name="default")
-    lm = load_adapter(lm, init_adapter, trainable=False, name="reference")
+        lm = attach_lora(base, lora)
+    else:
+        lm = load_adapter(base, init_adapter, trainable=True, name="default")
+        lm = load_adapter(lm, init_adapter, trainable=False, name="reference")
+    if critic == "separate":
+        lm.add_adapter("critic", lora_config(base, lora))
     lm.set_adapter("default")
+    trainable = (".default.", ".critic.")
     for n, p in lm.named_parameters():
-        p.requires_grad_(".default." in n and "lora_" in n)
-    return PolicyWithValue(lm, has_reference_adapter=True)
+        p.requires_grad_("lora_" in n and any(t in n for t in trainable))
+    return PolicyWithValue(lm, has_reference_adapter=init_adapter is not None, separate_critic=critic == "separate")

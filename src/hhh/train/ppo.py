@@ -140,7 +140,7 @@ def train_ppo(config: PPOConfig, run: RunDir, *, base=None, tokenizer=None, resu
     base = base if base is not None else load_causal_lm(config.model, device=config.device, dtype=config.dtype)
     lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                         top_layers=config.lora_layers)
-    policy = build_policy(base, lora, init_adapter=config.init_adapter)
+    policy = build_policy(base, lora, init_adapter=config.init_adapter, critic=config.critic)
     device = next(policy.parameters()).device
 
     updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.minibatch_size)
