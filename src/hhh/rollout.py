@@ -150,18 +150,6 @@ def sample(
     )
 
 
-def sample_batched(
-    model, tokenizer, prompts: Sequence[str], *, batch_size: int = 32, progress=None, **kwargs
-) -> list[Rollout]:
-    """`sample` over consecutive chunks of `prompts` (each chunk padded separately)."""
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        chunks.append(sample(model, tokenizer, prompts[start : start + batch_size], **kwargs))
-        if progress is not None:
-            progress(len(chunks[-1].prompts))
-    return chunks
-
-
 def response_logprobs(
     model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
     *, temperature: float = 1.0, return_entropy: bool = False,
