@@ -172,3 +172,28 @@ def test_separate_critic_checkpoints_and_resumes(tokenizer, tmp_path):
     config = PPOConfig(**{**TOY, "steps": 3, "critic": "separate", "out": str(run.path)})
     resumed = train_ppo(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, resume=True)
     assert resumed.steps_done == 3 and [m["step"] for m in run.metrics()] == [1, 2, 3]
+
+
+def test_starting_adapter_is_the_reference(tokenizer, tmp_path):
+    """From an existing adapter: the reference is a frozen copy of it (KL 0 at start), not the bare base."""
+    from hhh.models import LoraSettings, attach_lora
+    from hhh.models.policy import build_policy
+
+    start = attach_lora(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in start.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    start.save_pretrained(tmp_path / "start")
+    policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8), init_adapter=str(tmp_path / "start"))
+    q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
+    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    with torch.no_grad():
+        pol = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7).logprobs
+        ref = policy.reference_logprobs(q, ones_q, r, ones_r, temperature=0.7)
+        with policy.lm.disable_adapter():
+            bare = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, values=False).logprobs
+    torch.testing.assert_close(pol, ref)
+    assert not torch.allclose(ref, bare, atol=1e-3)
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and not any(".reference." in n for n in trainable)
