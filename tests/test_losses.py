@@ -5,7 +5,7 @@ import torch
 
 from hhh.losses import (
     AdaptiveKL,
-    entropy_from_logits,
+    entropy_from_logprobs,
     gae,
     kl_per_token,
     masked_mean,
@@ -134,8 +134,9 @@ def test_token_mean_over_micro_batches_equals_the_whole_batch():
 
 def test_entropy_by_hand():
     """logits [0, ln 3] -> p = [1/4, 3/4] -> H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.5623; uniform over 4 -> ln 4."""
-    assert entropy_from_logits(t([0.0, math.log(3)])).item() == pytest.approx(0.5623, abs=1e-4)
-    assert entropy_from_logits(torch.zeros(4)).item() == pytest.approx(math.log(4))
+    logp = torch.log_softmax(t([0.0, math.log(3)]), -1)
+    assert entropy_from_logprobs(logp).item() == pytest.approx(0.5623, abs=1e-4)
+    assert entropy_from_logprobs(torch.log_softmax(torch.zeros(4), -1)).item() == pytest.approx(math.log(4))
 
 
 def test_adaptive_kl_by_hand():

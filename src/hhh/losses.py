@@ -124,10 +124,9 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, token_mean((loss_clipped > loss_unclipped).float(), mask, n_tokens).detach()
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of softmax(logits) over the last axis: logsumexp(z) - sum softmax(z) * z."""
-    p = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (p * logits).sum(-1)
+def entropy_from_logprobs(logp: Tensor) -> Tensor:
+    """Entropy over the last axis from log-probabilities (e.g. log_softmax(logits / T)): -sum p log p."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 @dataclass

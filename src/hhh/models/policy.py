@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from hhh.losses import entropy_from_logprobs
 from hhh.rollout import positions
 
 
@@ -114,7 +115,7 @@ class PolicyWithValue(nn.Module):
         logp = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)
         ent = None
         if entropy:
-            ent = -(logp_all.exp() * logp_all).sum(-1)
+            ent = entropy_from_logprobs(logp_all)
         vals = None
         if values:
             hidden_states = out.hidden_states
