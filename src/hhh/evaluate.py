@@ -85,21 +85,17 @@ def _kl_and_nll(model, rollout, temperature: float, has_adapter: bool, chunk: in
     import torch
 
     from hhh.losses import kl_per_token
-    from hhh.rollout import positions
+    from hhh.rollout import response_logits, token_logprobs
 
     k1s, k3s, nlls = [], [], []
-    R = rollout.response_ids.shape[1]
     for s in range(0, rollout.response_ids.shape[0], chunk):
         q, qm = rollout.query_ids[s : s + chunk], rollout.query_mask[s : s + chunk]
         r, rm = rollout.response_ids[s : s + chunk], rollout.response_mask[s : s + chunk]
-        ids, mask = torch.cat([q, r], 1), torch.cat([qm, rm], 1)
         off = model.disable_adapter() if has_adapter else contextlib.nullcontext()
         with torch.no_grad(), off:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                           logits_to_keep=R + 1).logits[:, :-1].float()
-        base = torch.log_softmax(logits, -1).gather(-1, r[..., None]).squeeze(-1)
-        ref = torch.log_softmax(logits / temperature, -1).gather(-1, r[..., None]).squeeze(-1)
-        nlls.append(-(base * rm).sum(-1))
+            logits = response_logits(model, q, qm, r, rm)
+        nlls.append(-(token_logprobs(logits, r) * rm).sum(-1))
+        ref = token_logprobs(logits, r, temperature)
         pol = rollout.logprobs[s : s + chunk]
         k1s.append((kl_per_token(pol, ref, "k1") * rm).sum(-1))
         k3s.append((kl_per_token(pol, ref, "k3") * rm).sum(-1))

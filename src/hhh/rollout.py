@@ -150,23 +150,27 @@ def sample(
     )
 
 
-def response_logprobs(
-    model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-    *, temperature: float = 1.0, return_entropy: bool = False,
-):
-    """Log-probs of the response tokens under `model` at `temperature`, from one full forward pass.
+def response_logits(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
+    """(B, R, V) float logits that predict each response token, from one forward pass over prompt + response.
 
-    Only the response positions' logits are kept (`logits_to_keep`), which bounds the full-vocabulary
-    tensor to (B, R, V). Returns (B, R) log-probs, and optionally the per-token entropy (B, R).
+    Only the response positions' logits are computed (`logits_to_keep`), never (B, Q+R, V).
     """
     ids = torch.cat([query_ids, response_ids], dim=1)
     mask = torch.cat([query_mask, response_mask], dim=1)
     R = response_ids.shape[1]
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=R + 1)
-    logits = out.logits[:, :-1].float() / temperature  # (B, R, V): position t predicts response token t
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
-    if not return_entropy:
-        return logp
-    entropy = -(logp_all.exp() * logp_all).sum(-1) * response_mask
-    return logp, entropy
+    return out.logits[:, :-1].float()  # position t predicts response token t
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, R) log softmax(logits / temperature) at the given tokens."""
+    return torch.log_softmax(logits / temperature, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def response_logprobs(
+    model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
+    *, temperature: float = 1.0,
+) -> Tensor:
+    """(B, R) log-probs of the response tokens under `model` at `temperature`; 0 where masked."""
+    logits = response_logits(model, query_ids, query_mask, response_ids, response_mask)
+    return token_logprobs(logits, response_ids, temperature) * response_mask

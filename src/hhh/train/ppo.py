@@ -67,7 +67,10 @@ def _old_forward(policy: PolicyWithValue, r: Rollout, config: PPOConfig) -> tupl
         args = (r.query_ids[s], r.query_mask[s], r.response_ids[s], r.response_mask[s])
         parts.append(policy.forward_response(*args, temperature=config.temperature, entropy=True, keep_trunk=True))
         refs.append(policy.reference_logprobs(*args, temperature=config.temperature, trunk=parts[-1].trunk))
-    cat = lambda name: torch.cat([getattr(p, name) for p in parts]) if getattr(parts[0], name) is not None else None  # noqa: E731
+
+    def cat(name: str):
+        return None if getattr(parts[0], name) is None else torch.cat([getattr(p, name) for p in parts])
+
     return Forward(cat("logprobs"), cat("entropy"), cat("values"), cat("trunk")), torch.cat(refs)
 
 
