@@ -7,7 +7,20 @@ import sys
 import typing
 from collections.abc import Callable
 
-from hhh.config import ConfigError, DetoxConfig, EvalConfig, Settings, flag_fields, is_bool, load_config
+from hhh.config import (
+    ConfigError,
+    DetoxConfig,
+    EvalConfig,
+    LabelAutoConfig,
+    LabelGenerateConfig,
+    LabelServeConfig,
+    RMConfig,
+    RMEvalConfig,
+    Settings,
+    flag_fields,
+    is_bool,
+    load_config,
+)
 
 
 def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
@@ -79,19 +92,155 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_generate(args: argparse.Namespace) -> int:
+    from hhh.config import LabelGenerateConfig
+    from hhh.feedback.jobs import generate
+
+    config = _settings(args, LabelGenerateConfig)
+    done = generate(config)
+    print(f"added {done['completions']} completions for {done['prompts']} prompts to {config.db}")
+    return 0
+
+
+def cmd_label_add_labeler(args: argparse.Namespace) -> int:
+    from hhh.feedback.store import Store
+
+    token = Store(args.db).add_labeler(args.name, role="admin" if args.admin else "labeler")
+    print(f"{'admin' if args.admin else 'labeler'} {args.name!r} added; token (shown once, keep it secret):")
+    print(token)
+    return 0
+
+
+def cmd_label_serve(args: argparse.Namespace) -> int:
+    from hhh.config import LabelServeConfig
+    from hhh.feedback.app import serve
+
+    config = _settings(args, LabelServeConfig)
+    serve(config.db, host=config.host, port=config.port, guideline=config.guideline, overlap=config.overlap)
+    return 0
+
+
+def cmd_label_auto(args: argparse.Namespace) -> int:
+    from hhh.config import LabelAutoConfig
+    from hhh.feedback.jobs import auto_label
+
+    config = _settings(args, LabelAutoConfig)
+    done = auto_label(config)
+    print(f"ranked {done['rankings']} prompts ({done['ordered_pairs']} ordered pairs) in {config.db}")
+    return 0
+
+
+def cmd_label_import(args: argparse.Namespace) -> int:
+    from hhh.feedback.io import import_jsonl
+    from hhh.feedback.store import Store
+
+    done = import_jsonl(Store(args.db), args.file, fmt=args.format, labeler=args.labeler,
+                        role="ai" if args.ai else "labeler")
+    print(f"imported {done['rankings']} rankings from {args.file} ({done['skipped']} already there)")
+    return 0
+
+
+def cmd_label_export(args: argparse.Namespace) -> int:
+    from hhh.feedback.io import export_jsonl
+    from hhh.feedback.store import Store
+
+    n = export_jsonl(Store(args.db), args.out, args.format, ties=args.ties, source=args.source)
+    print(f"wrote {n} {args.format} to {args.out}")
+    return 0
+
+
+def cmd_label_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from hhh.feedback.agreement import agreement
+    from hhh.feedback.store import Store
+
+    store = Store(args.db)
+    print(json.dumps({"counts": store.counts(), "agreement": agreement(store.rankings())}, indent=2))
+    return 0
+
+
+def cmd_rm_train(args: argparse.Namespace) -> int:
+    from hhh.config import RMConfig
+    from hhh.train.rm import train_rm
+
+    run = train_rm(_settings(args, RMConfig))
+    report = run.read_json("eval.json")
+    if "accuracy" in report:
+        print(f"held-out pairwise accuracy {report['accuracy']:.3f} on {report['pairs']} pairs "
+              f"(ECE {report['calibration']['ece']:.3f}); trained in {report['train_seconds']:.0f} s")
+    print(f"reward model: {run.path}  (use it as reward = \"rm:{run.path}\")")
+    return 0
+
+
+def cmd_rm_eval(args: argparse.Namespace) -> int:
+    from hhh.config import RMEvalConfig
+    from hhh.train.rm import eval_rm
+
+    run, report = eval_rm(_settings(args, RMEvalConfig))
+    if not report["pairs"]:
+        raise ValueError("no ordered (non-tie) pairs to evaluate")
+    print(f"pairwise accuracy {report['accuracy']:.3f} on {report['pairs']} pairs, loss {report['loss']:.3f}, "
+          f"ECE {report['calibration']['ece']:.3f}")
+    for b in report["calibration"]["bins"]:
+        print(f"  confidence {b['confidence'][0]:.2f}-{b['confidence'][1]:.2f}: n={b['n']:4d}  "
+              f"mean confidence {b['mean_confidence']:.3f}  accuracy {b['accuracy']:.3f}")
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def _label_args(name: str, p: argparse.ArgumentParser) -> None:
+    """Flags of the label commands that have no config class."""
+    if name in ("label add-labeler", "label import", "label export", "label stats"):
+        p.add_argument("--db", default="feedback.db", help="preference store: SQLite file or SQLAlchemy URL")
+    if name == "label add-labeler":
+        p.add_argument("name", help="labeler name (unique)")
+        p.add_argument("--admin", action="store_true", help="may see agreement statistics and export")
+    if name == "label import":
+        p.add_argument("file", help="JSONL of pairs (prompt/chosen/rejected, or HH-RLHF transcripts) or rankings")
+        p.add_argument("--format", choices=["auto", "pairs", "rankings"], default="auto", help="line format")
+        p.add_argument("--labeler", default="import", help="labeler of lines without a 'labeler' field")
+        p.add_argument("--ai", action="store_true", help="mark the imported labels as AI labels")
+    if name == "label export":
+        p.add_argument("--out", required=True, help="JSONL file to write")
+        p.add_argument("--format", choices=["pairs", "rankings"], default="pairs", help="line format")
+        p.add_argument("--ties", action="store_true", help="include tied pairs (marked \"tie\": true)")
+        p.add_argument("--source", choices=["all", "human", "ai"], default="all", help="whose labels")
+
+
 COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespace], int]]] = {
     "eval": ("evaluate a model (+ adapter) on prompt sets: toxicity, reward, KL, perplexity", EvalConfig, cmd_eval),
     "detox": ("the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
               DetoxConfig, cmd_detox),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
+    "label generate": ("sample K completions per prompt from a model into the preference store",
+                       LabelGenerateConfig, cmd_label_generate),
+    "label add-labeler": ("create a labeler (or admin) and print their login token", None, cmd_label_add_labeler),
+    "label serve": ("run the labeling web app", LabelServeConfig, cmd_label_serve),
+    "label auto": ("rank completions with an AI judge (any reward spec), marked as AI labels",
+                   LabelAutoConfig, cmd_label_auto),
+    "label import": ("import pairs or rankings from JSONL", None, cmd_label_import),
+    "label export": ("export pairs (prompt/chosen/rejected) or rankings as JSONL", None, cmd_label_export),
+    "label stats": ("print store counts and agreement between labelers", None, cmd_label_stats),
+    "rm train": ("train a Bradley-Terry reward model on preference pairs", RMConfig, cmd_rm_train),
+    "rm eval": ("pairwise accuracy and calibration of a reward model on preference pairs", RMEvalConfig, cmd_rm_eval),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hhh", description="Align language models: helpful, honest, harmless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
+                  "rm": "reward models trained on preference pairs"}
     for name, (help_text, cls, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            gp = sub.add_parser(group, help=group_help[group], description=group_help[group])
+            groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+        p = (groups[group] if group else sub).add_parser(leaf, help=help_text, description=help_text)
+        p.set_defaults(command_name=name)
+        _label_args(name, p)
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
@@ -112,11 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"hhh {args.command}: error: {e}", file=sys.stderr)
+        print(f"hhh {args.command_name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hhh {args.command}: interrupted", file=sys.stderr)
+        print(f"hhh {args.command_name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not type(e).__module__.startswith("sqlalchemy"):
+            raise
+        # a database that cannot be reached or opened: its first line says why
+        print(f"hhh {args.command_name}: database error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -177,3 +177,65 @@ class DetoxConfig(PPOConfig):
                           max_prompts=self.eval_max_prompts, batch_size=self.eval_batch_size, reward=self.reward,
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
                           device=self.device, dtype=self.dtype)
+
+
+class LabelGenerateConfig(GenerationSettings):
+    db: str = Field("feedback.db", description="preference store: SQLite file or SQLAlchemy URL")
+    prompts: str = Field("redteam:train", description="prompt set to sample completions for")
+    max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts")
+    k: int = Field(4, ge=1, description="completions sampled per prompt (per instruction)")
+    instructions: list[str] = Field(
+        [], description="texts put before the prompt when sampling, k completions each (comma-separated)")
+    adapter: str | None = Field(None, description="PEFT adapter to sample with (recorded with each completion)")
+    batch_size: int = Field(64, gt=0, description="completions sampled at once (each batch is committed)")
+    temperature: float = Field(0.9, gt=0, description="sampling temperature")
+
+
+class LabelAutoConfig(Settings):
+    db: str = Field("feedback.db", description="preference store: SQLite file or SQLAlchemy URL")
+    reward: str = Field("toxicity + 0.25*sentiment", description="reward spec that ranks completions (higher first)")
+    labeler: str | None = Field(None, description="name of the AI labeler (default ai:REWARD)")
+    tie_threshold: float = Field(0.05, ge=0, description="completions scoring within this of a tier's best are tied")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (for model-based rewards)")
+
+
+class LabelServeConfig(Settings):
+    db: str = Field("feedback.db", description="preference store: SQLite file or SQLAlchemy URL")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, lt=65536, description="port to listen on")
+    guideline: str | None = Field(None, description="labeling guideline file (default: the bundled one)")
+    overlap: int = Field(2, ge=1, description="labelers per prompt (>= 2 gives agreement statistics)")
+
+
+class RMDataSettings(Settings):
+    data: str = Field("feedback.db", description="pairs: JSONL file, hf:NAME[:SPLIT], or a preference store "
+                                                 "(db:PATH_OR_URL, or a path ending in .db)")
+    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs")
+    max_length: int = Field(256, gt=8, description="tokens per (prompt, completion); longer inputs are truncated")
+    batch_size: int = Field(32, gt=0, description="pairs per step (eval: per forward)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    seed: int = Field(0, description="random seed (split, shuffling, head initialisation)")
+
+
+class RMConfig(RMDataSettings):
+    backbone: str = Field("minilm", description="minilm (packaged all-MiniLM-L6-v2), or a model spec "
+                                                "(bundled:smollm2-135m-instruct, hub id, local folder)")
+    lora: bool | None = Field(None, description="train LoRA adapters instead of the whole backbone "
+                                                "(default: yes for causal LMs, no for encoders)")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    epochs: int = Field(2, gt=0, description="passes over the training pairs")
+    lr: float = Field(5e-5, gt=0, description="learning rate of the backbone (or its adapters), linear decay")
+    head_lr: float = Field(1e-3, gt=0, description="learning rate of the scalar head")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    ties: typing.Literal["skip", "half"] = Field("skip", description="tied pairs: leave out, or train toward "
+                                                                      "P(chosen > rejected) = 1/2")
+    center_coef: float = Field(0.0, ge=0, description="reward centring: + coef * mean((r_c + r_r)^2)")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of prompts held out (split by prompt)")
+    out: str | None = Field(None, description="run folder (default runs/rm-TIMESTAMP)")
+
+
+class RMEvalConfig(RMDataSettings):
+    model: str = Field(..., description="reward model run folder (from hhh rm train)")
+    out: str | None = Field(None, description="run folder (default runs/rm-eval-TIMESTAMP)")

@@ -9,6 +9,10 @@ References
   [GAE]        High-Dimensional Continuous Control Using Generalized Advantage Estimation, arXiv:1506.02438
   [Huang24]    The N+ Implementation Details of RLHF with PPO, arXiv:2403.17031
   [Schulman20] Approximating KL divergence, joschu.net/blog/kl-approx.html
+  [Ouyang22]   Training language models to follow instructions with human feedback, arXiv:2203.02155
+  [Touvron23]  Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288
+  [Eisenstein23] Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking,
+               arXiv:2312.09244
 """
 
 from __future__ import annotations
@@ -152,3 +156,28 @@ class AdaptiveKL:
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.target, self.horizon = state["beta"], state["target"], state["horizon"]
+
+
+def bradley_terry_loss(
+    r_chosen: Tensor,
+    r_rejected: Tensor,
+    *,
+    margin: Tensor | None = None,
+    tie: Tensor | None = None,
+    center_coef: float = 0.0,
+) -> Tensor:
+    """Reward-model loss on pairs, averaged over the batch; all inputs (B,).
+
+    Ordered pair:  -log sigma(r_c - r_r - m)          [Ouyang22 eq. 1; the margin m from [Touvron23 eq. 2]]
+    Tie:           -(log sigma(d) + log sigma(-d)) / 2  (Bradley-Terry with target 1/2: least at d = 0; no margin)
+    Centring:      + center_coef * mean((r_c + r_r)^2)  [Eisenstein23]: pins the free offset of the rewards near 0
+    """
+    d = r_chosen - r_rejected
+    ordered = -torch.nn.functional.logsigmoid(d - margin if margin is not None else d)
+    if tie is not None:
+        tied = -0.5 * (torch.nn.functional.logsigmoid(d) + torch.nn.functional.logsigmoid(-d))
+        ordered = torch.where(tie.bool(), tied, ordered)
+    loss = ordered.mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
+    return loss

@@ -126,7 +126,11 @@ def _build_one(spec: str, device: str) -> Reward:
         model, label = _classifier_parts(rest)
         return builtin.HFClassifier(model, label, device=device)
     if head == "rm":
-        raise ValueError(f"reward {spec!r}: learned reward models arrive with `hhh rm train` (not in this version)")
+        if not rest:
+            raise ValueError("reward 'rm:' needs a run folder of `hhh rm train`, e.g. rm:runs/rm-20261123-120000")
+        from hhh.reward_model import RewardModelReward
+
+        return RewardModelReward(rest, device=device)
     if rest and head.replace(".", "").replace("_", "").isalnum():
         return builtin.PythonFunction(spec)
     raise ValueError(

@@ -1,0 +1,407 @@
+"""The preference store: prompts, completions, labelers, rankings and the pairs they imply.
+
+Any SQLAlchemy URL works; a bare path means a SQLite file, opened in WAL mode with synchronous=FULL so a
+committed ranking survives a killed server (and a power cut). Writes on SQLite take the lock up front
+(BEGIN IMMEDIATE): two labelers submitting at once queue behind busy_timeout instead of failing on a
+lock upgrade. The schema is created and upgraded by the Alembic migrations in `migrations/`.
+
+    >>> store = Store("feedback.db")                      # doctest: +SKIP
+    >>> pid = store.add_prompt("How do I bake bread?")    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+
+from hhh.feedback.rankings import check_tiers, tiers_to_pairs
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def text_hash(text: str) -> str:
+    """Unique keys on long text are index-size trouble in PostgreSQL; rows are keyed by this instead."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Prompt(Base):
+    __tablename__ = "prompts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    source: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    completions: Mapped[list[Completion]] = relationship(back_populates="prompt", order_by="Completion.id")
+
+
+class Completion(Base):
+    __tablename__ = "completions"
+    __table_args__ = (UniqueConstraint("prompt_id", "text_hash"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    text_hash: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(300))            # model spec that produced it ("import" for imports)
+    adapter: Mapped[str | None] = mapped_column(String(500))   # PEFT adapter folder, if any
+    instruction: Mapped[str | None] = mapped_column(Text)      # text prepended to the prompt when sampling
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    prompt: Mapped[Prompt] = relationship(back_populates="completions")
+
+
+class Labeler(Base):
+    __tablename__ = "labelers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    role: Mapped[str] = mapped_column(String(20))  # "labeler", "admin" or "ai"
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # sha256 of the token; None for AI
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+    __table_args__ = (UniqueConstraint("prompt_id", "labeler_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    submission_id: Mapped[str] = mapped_column(String(64), unique=True)  # client-made; a resend is refused
+    tiers: Mapped[list] = mapped_column(JSON)      # [[completion id, ...], ...] best first; a tier is a tie
+    unsafe: Mapped[list] = mapped_column(JSON)     # completion ids flagged unsafe
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    labeler: Mapped[Labeler] = relationship()
+    prompt: Mapped[Prompt] = relationship()
+    pairs: Mapped[list[Pair]] = relationship(back_populates="ranking", cascade="all, delete-orphan")
+
+
+class Pair(Base):
+    """Derived from a ranking (rewritten when it is edited), or imported with an optional margin."""
+
+    __tablename__ = "pairs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ranking_id: Mapped[int] = mapped_column(ForeignKey("rankings.id", ondelete="CASCADE"), index=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    better_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+    worse_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+    tie: Mapped[bool] = mapped_column(Boolean, default=False)
+    margin: Mapped[float | None] = mapped_column(Float)
+    ranking: Mapped[Ranking] = relationship(back_populates="pairs")
+
+
+class Skip(Base):
+    __tablename__ = "skips"
+    __table_args__ = (UniqueConstraint("prompt_id", "labeler_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"))
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class StoreError(ValueError):
+    """A request the store refuses (unknown prompt, duplicate submission...); str() is one line."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status the web app answers with
+
+
+def database_url(db: str) -> str:
+    """A SQLAlchemy URL as is; anything else is a SQLite file path."""
+    return db if "://" in db else f"sqlite:///{Path(db).expanduser()}"
+
+
+def _sqlite_engine(url: str, *, immediate: bool):
+    engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (pysqlite's own is deferred)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")  # WAL + NORMAL may lose the last commits on power loss
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Store:
+    def __init__(self, db: str | Path, *, migrate: bool = True) -> None:
+        self.url = database_url(str(db))
+        try:
+            if self.url.startswith("sqlite"):
+                self.engine = _sqlite_engine(self.url, immediate=False)
+                self.write_engine = _sqlite_engine(self.url, immediate=True)
+            else:
+                self.engine = self.write_engine = create_engine(self.url, pool_pre_ping=True)
+        except ModuleNotFoundError as e:
+            raise StoreError(f"database {self.url}: its driver {e.name!r} is not installed "
+                             "(PostgreSQL: pip install 'psycopg[binary]')") from None
+        except ArgumentError as e:
+            raise StoreError(f"database {db}: {e}") from None
+        self._read = sessionmaker(self.engine, expire_on_commit=False)
+        self._write = sessionmaker(self.write_engine, expire_on_commit=False)
+        if migrate:
+            from hhh.feedback.migrations import upgrade
+
+            upgrade(self.url)
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read() as s:
+            yield s
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction; committed (and on disk) when the block ends without an exception."""
+        with self._write() as s, s.begin():
+            yield s
+
+    # --- prompts and completions ---------------------------------------------------------------
+
+    def add_prompt(self, text: str, source: str | None = None, *, session: Session | None = None) -> int:
+        """Id of the prompt with this text, added if new."""
+        if session is None:
+            with self.write() as s:
+                return self.add_prompt(text, source, session=s)
+        h = text_hash(text)
+        found = session.scalar(select(Prompt.id).where(Prompt.text_hash == h))
+        if found is not None:
+            return found
+        prompt = Prompt(text=text, text_hash=h, source=source)
+        session.add(prompt)
+        session.flush()
+        return prompt.id
+
+    def add_completion(self, prompt_id: int, text: str, *, model: str, adapter: str | None = None,
+                       instruction: str | None = None, session: Session | None = None) -> int:
+        """Id of this completion of the prompt, added if new (identical texts are one completion)."""
+        if session is None:
+            with self.write() as s:
+                return self.add_completion(prompt_id, text, model=model, adapter=adapter, instruction=instruction,
+                                           session=s)
+        h = text_hash(text)
+        found = session.scalar(select(Completion.id).where(Completion.prompt_id == prompt_id, Completion.text_hash == h))
+        if found is not None:
+            return found
+        c = Completion(prompt_id=prompt_id, text=text, text_hash=h, model=model, adapter=adapter, instruction=instruction)
+        session.add(c)
+        session.flush()
+        return c.id
+
+    def items(self, *, min_completions: int = 2) -> list[dict[str, Any]]:
+        """Every prompt with at least `min_completions` completions: {prompt_id, prompt, completions: [{id, text}]}."""
+        with self.read() as s:
+            prompts = s.scalars(select(Prompt).order_by(Prompt.id)).all()
+            return [self._item(p) for p in prompts if len(p.completions) >= min_completions]
+
+    @staticmethod
+    def _item(p: Prompt) -> dict[str, Any]:
+        return {"prompt_id": p.id, "prompt": p.text, "completions": [{"id": c.id, "text": c.text} for c in p.completions]}
+
+    # --- labelers --------------------------------------------------------------------------------
+
+    def add_labeler(self, name: str, *, role: str = "labeler") -> str | None:
+        """Create a labeler; returns their token (shown once: only its hash is stored). AI labelers have none."""
+        if role not in ("labeler", "admin", "ai"):
+            raise StoreError(f"role must be labeler, admin or ai, got {role!r}")
+        token = None if role == "ai" else secrets.token_urlsafe(24)
+        try:
+            with self.write() as s:
+                s.add(Labeler(name=name, role=role, token_hash=text_hash(token) if token else None))
+        except IntegrityError:
+            raise StoreError(f"a labeler named {name!r} already exists", 409) from None
+        return token
+
+    def ai_labeler(self, name: str) -> int:
+        with self.write() as s:
+            found = s.scalar(select(Labeler).where(Labeler.name == name))
+            if found is not None:
+                if found.role != "ai":
+                    raise StoreError(f"labeler {name!r} exists and is not an AI labeler")
+                return found.id
+            labeler = Labeler(name=name, role="ai")
+            s.add(labeler)
+            s.flush()
+            return labeler.id
+
+    def labeler_for_token(self, token: str) -> Labeler | None:
+        with self.read() as s:
+            return s.scalar(select(Labeler).where(Labeler.token_hash == text_hash(token)))
+
+    def labeler_id(self, name: str) -> int:
+        with self.read() as s:
+            found = s.scalar(select(Labeler.id).where(Labeler.name == name))
+        if found is None:
+            raise StoreError(f"no labeler named {name!r}", 404)
+        return found
+
+    # --- rankings ----------------------------------------------------------------------------------
+
+    def submit(self, labeler_id: int, prompt_id: int, tiers: Sequence[Sequence[int]], *, submission_id: str,
+               unsafe: Sequence[int] = (), margin: float | None = None, edit: int | None = None) -> int:
+        """Save a ranking (or, with edit=RANKING_ID, replace the labeler's own) and its pairs; returns its id.
+
+        Refused, changing nothing: an unknown prompt, a ranking that does not list each completion of the prompt
+        exactly once, a submission id seen before, a second ranking of the same prompt by the same labeler.
+        """
+        if not submission_id or len(submission_id) > 64:
+            raise StoreError("submission_id must be 1 to 64 characters")
+        try:
+            with self.write() as s:
+                prompt = s.get(Prompt, prompt_id)
+                if prompt is None:
+                    raise StoreError(f"no prompt with id {prompt_id}", 404)
+                ids = [c.id for c in prompt.completions]
+                checked = check_tiers(tiers, ids)
+                bad = sorted(set(unsafe) - set(ids))
+                if bad:
+                    raise StoreError(f"unsafe flags name completions {bad} that are not completions of prompt {prompt_id}")
+                if s.scalar(select(Ranking.id).where(Ranking.submission_id == submission_id)) is not None:
+                    raise StoreError(f"duplicate submission {submission_id!r}: it was already saved", 409)
+                if edit is None:
+                    ranking = Ranking(prompt_id=prompt_id, labeler_id=labeler_id, submission_id=submission_id,
+                                      tiers=checked, unsafe=sorted(set(unsafe)))
+                    s.add(ranking)
+                else:
+                    ranking = s.get(Ranking, edit)
+                    if ranking is None or ranking.labeler_id != labeler_id or ranking.prompt_id != prompt_id:
+                        raise StoreError(f"you have no ranking {edit} of prompt {prompt_id}", 404)
+                    ranking.tiers, ranking.unsafe = checked, sorted(set(unsafe))
+                    ranking.submission_id, ranking.revision, ranking.updated_at = submission_id, ranking.revision + 1, _now()
+                    ranking.pairs.clear()
+                self.add_pairs(s, ranking, margin=margin)
+                s.execute(Skip.__table__.delete().where(Skip.prompt_id == prompt_id, Skip.labeler_id == labeler_id))
+                s.flush()
+                return ranking.id
+        except IntegrityError as e:
+            # a concurrent request won the race for the same (prompt, labeler) or submission id
+            if "submission_id" in str(e.orig):
+                raise StoreError(f"duplicate submission {submission_id!r}: it was already saved", 409) from None
+            raise StoreError(f"you already ranked prompt {prompt_id}; edit that ranking instead", 409) from None
+        except ValueError as e:
+            if isinstance(e, StoreError):
+                raise
+            raise StoreError(str(e)) from None
+
+    @staticmethod
+    def add_pairs(session: Session, ranking: Ranking, *, margin: float | None = None) -> None:
+        """The K(K-1)/2 pairs of a ranking's tiers."""
+        ranking.pairs.extend(Pair(prompt_id=ranking.prompt_id, better_id=p.better, worse_id=p.worse, tie=p.tie,
+                                  margin=margin) for p in tiers_to_pairs(ranking.tiers))
+
+    def skip(self, labeler_id: int, prompt_id: int) -> None:
+        with self.write() as s:
+            if s.get(Prompt, prompt_id) is None:
+                raise StoreError(f"no prompt with id {prompt_id}", 404)
+            done = s.scalar(select(Skip.id).where(Skip.prompt_id == prompt_id, Skip.labeler_id == labeler_id))
+            if done is None:
+                s.add(Skip(prompt_id=prompt_id, labeler_id=labeler_id))
+
+    @staticmethod
+    def _open_prompts(labeler_id: int, overlap: int):
+        """Prompts this labeler may rank: not ranked or skipped by them, with >= 2 completions and fewer than
+        `overlap` human rankings; least-ranked first, so that prompts reach `overlap` labels evenly."""
+        counts = (select(Ranking.prompt_id, func.count(Ranking.id).label("n"))
+                  .join(Labeler, Labeler.id == Ranking.labeler_id).where(Labeler.role != "ai")
+                  .group_by(Ranking.prompt_id).subquery())
+        ncomp = (select(Completion.prompt_id, func.count(Completion.id).label("k"))
+                 .group_by(Completion.prompt_id).subquery())
+        mine = select(Ranking.prompt_id).where(Ranking.labeler_id == labeler_id)
+        skipped = select(Skip.prompt_id).where(Skip.labeler_id == labeler_id)
+        n = func.coalesce(counts.c.n, 0)
+        return (select(Prompt).join(ncomp, ncomp.c.prompt_id == Prompt.id)
+                .outerjoin(counts, counts.c.prompt_id == Prompt.id)
+                .where(ncomp.c.k >= 2, Prompt.id.not_in(mine), Prompt.id.not_in(skipped), n < overlap)
+                .order_by(n, Prompt.id))
+
+    def next_item(self, labeler_id: int, *, overlap: int = 2) -> dict[str, Any] | None:
+        """The next prompt for this labeler (see `_open_prompts`), or None when there is nothing left."""
+        with self.read() as s:
+            prompt = s.scalar(self._open_prompts(labeler_id, overlap).limit(1))
+            return None if prompt is None else self._item(prompt)
+
+    def item(self, prompt_id: int) -> dict[str, Any]:
+        with self.read() as s:
+            prompt = s.get(Prompt, prompt_id)
+            if prompt is None:
+                raise StoreError(f"no prompt with id {prompt_id}", 404)
+            return self._item(prompt)
+
+    def progress(self, labeler_id: int, *, overlap: int = 2) -> dict[str, int]:
+        with self.read() as s:
+            ranked = s.scalar(select(func.count(Ranking.id)).where(Ranking.labeler_id == labeler_id)) or 0
+            skipped = s.scalar(select(func.count(Skip.id)).where(Skip.labeler_id == labeler_id)) or 0
+            remaining = s.scalar(select(func.count()).select_from(self._open_prompts(labeler_id, overlap).subquery()))
+        return {"ranked": ranked, "skipped": skipped, "remaining": remaining or 0}
+
+    def rankings(self, *, labeler_id: int | None = None) -> list[dict[str, Any]]:
+        """Rankings (of one labeler, or all) with labeler name and role; oldest first."""
+        with self.read() as s:
+            q = select(Ranking, Labeler).join(Labeler, Labeler.id == Ranking.labeler_id).order_by(Ranking.id)
+            if labeler_id is not None:
+                q = q.where(Ranking.labeler_id == labeler_id)
+            return [{"ranking_id": r.id, "prompt_id": r.prompt_id, "labeler": lab.name, "role": lab.role,
+                     "tiers": r.tiers, "unsafe": r.unsafe, "revision": r.revision,
+                     "updated_at": r.updated_at.isoformat()} for r, lab in s.execute(q)]
+
+    def pairs(self, *, ties: bool = True, source: str = "all") -> list[dict[str, Any]]:
+        """Preference pairs with texts: {prompt, chosen, rejected, tie, margin, labeler, source, ...}.
+
+        source: "human" (labelers and admins), "ai", or "all".
+        """
+        with self.read() as s:
+            q = (select(Pair, Ranking, Labeler).join(Ranking, Ranking.id == Pair.ranking_id)
+                 .join(Labeler, Labeler.id == Ranking.labeler_id).order_by(Pair.id))
+            if not ties:
+                q = q.where(Pair.tie.is_(False))
+            if source == "human":
+                q = q.where(Labeler.role != "ai")
+            elif source == "ai":
+                q = q.where(Labeler.role == "ai")
+            rows = s.execute(q).all()
+            texts = dict(s.execute(select(Completion.id, Completion.text)).all())
+            prompts = dict(s.execute(select(Prompt.id, Prompt.text)).all())
+        return [{"prompt": prompts[p.prompt_id], "chosen": texts[p.better_id], "rejected": texts[p.worse_id],
+                 "tie": p.tie, "margin": p.margin, "labeler": lab.name, "source": "ai" if lab.role == "ai" else "human",
+                 "prompt_id": p.prompt_id, "chosen_id": p.better_id, "rejected_id": p.worse_id}
+                for p, _r, lab in rows]
+
+    def counts(self) -> dict[str, int]:
+        with self.read() as s:
+            return {name: s.scalar(select(func.count()).select_from(table)) or 0
+                    for name, table in (("prompts", Prompt), ("completions", Completion), ("labelers", Labeler),
+                                        ("rankings", Ranking), ("pairs", Pair), ("skips", Skip))}

@@ -1,0 +1,219 @@
+"""Reward model training (`hhh rm train`) and evaluation (`hhh rm eval`) on preference pairs.
+
+    # 1. pairs: JSONL, hf:, or the preference store; held-out prompts split off (no prompt on both sides)
+    # 2. model: backbone + scalar head (+ LoRA)
+    # 3. epochs over shuffled minibatches: chosen and rejected in one forward, Bradley-Terry loss
+    # 4. held-out eval after each epoch: pairwise accuracy, loss, calibration
+    # 5. normalisation statistics of rewards on the training completions, saved with the model
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hhh.config import RMConfig, RMDataSettings, RMEvalConfig
+from hhh.losses import bradley_terry_loss
+from hhh.runs import RunDir, seed_everything
+from hhh.train.loop import GracefulStop, linear_decay
+
+
+@dataclass(frozen=True)
+class Pairs:
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    tie: list[bool]
+    margin: list[float | None]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: Sequence[int]) -> Pairs:
+        return Pairs(*([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin")))
+
+
+def load_pairs(settings: RMDataSettings) -> Pairs:
+    """Pairs from a JSONL file, an hf: dataset or a preference store (ties included, marked)."""
+    data = settings.data
+    if data.startswith("db:") or data.endswith(".db"):
+        from hhh.feedback.store import Store
+
+        db = data.removeprefix("db:")
+        if "://" not in db and not Path(db).is_file():
+            raise FileNotFoundError(f"data {data!r}: no preference store at {db}")
+        rows = Store(db).pairs(source=settings.data_source)
+    elif data.startswith("hf:"):
+        rows = _hf_rows(data)
+    else:
+        from hhh.feedback.io import read_records
+
+        if not Path(data).is_file():
+            raise FileNotFoundError(f"data {data!r}: no such file")
+        rows = []
+        for rec in read_records(data, "pairs"):
+            rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
+                         "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
+    rows = rows[: settings.max_pairs] if settings.max_pairs else rows
+    if not rows:
+        raise ValueError(f"data {data!r}: no preference pairs")
+    return Pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
+                 [bool(r.get("tie")) for r in rows], [r.get("margin") for r in rows])
+
+
+def _hf_rows(spec: str) -> list[dict]:
+    from datasets import load_dataset
+
+    from hhh.feedback.io import _pair_record
+
+    name, _, split = spec[3:].partition(":")
+    rows = []
+    for i, row in enumerate(load_dataset(name, split=split or "train")):
+        rec = _pair_record(dict(row), f"{spec} row {i}")
+        rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
+                     "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
+    return rows
+
+
+def split_by_prompt(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
+    """Hold out a `fraction` of the prompts (all their pairs), so no held-out prompt was trained on."""
+    prompts = sorted(set(pairs.prompts))
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    n_eval = math.ceil(fraction * len(prompts)) if fraction > 0 else 0
+    held = {prompts[i] for i in order[:n_eval]}
+    train = [i for i, p in enumerate(pairs.prompts) if p not in held]
+    evals = [i for i, p in enumerate(pairs.prompts) if p in held]
+    return pairs.take(train), pairs.take(evals)
+
+
+def pair_rewards(model, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,), from one forward over the 2B sequences."""
+    batch = model.encode(pairs.prompts + pairs.prompts, pairs.chosen + pairs.rejected)
+    r = model(**batch)
+    return r[: len(pairs)], r[len(pairs):]
+
+
+def evaluate_pairs(model, pairs: Pairs, batch_size: int) -> dict:
+    """Pairwise accuracy (ties left out), mean loss and calibration on `pairs`."""
+    ordered = [i for i, t in enumerate(pairs.tie) if not t]
+    pairs = pairs.take(ordered)
+    if not len(pairs):
+        return {"pairs": 0}
+    chosen = model.score(pairs.prompts, pairs.chosen, batch_size=batch_size)
+    rejected = model.score(pairs.prompts, pairs.rejected, batch_size=batch_size)
+    d = (chosen - rejected).double()
+    p = torch.sigmoid(d).numpy()
+    return {"pairs": len(pairs), "accuracy": float((d > 0).double().mean()),
+            "loss": float(-torch.nn.functional.logsigmoid(d).mean()),
+            "mean_margin": float(d.mean()), "calibration": _calibration(p)}
+
+
+def _calibration(p: np.ndarray, bins: int = 10) -> dict:
+    """Reliability of P(chosen > rejected) = sigmoid(r_c - r_r): each pair is predicted with confidence
+    max(p, 1-p) for the side it favours and is right when p > 1/2. ECE = sum_bins n_b/N |conf_b - acc_b|."""
+    conf = np.maximum(p, 1 - p)
+    right = (p > 0.5).astype(float)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    table, ece = [], 0.0
+    for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        inside = (conf >= lo) & ((conf < hi) if i < bins - 1 else (conf <= hi))
+        if inside.any():
+            c, a = float(conf[inside].mean()), float(right[inside].mean())
+            table.append({"confidence": [round(float(lo), 3), round(float(hi), 3)], "n": int(inside.sum()),
+                          "mean_confidence": c, "accuracy": a})
+            ece += inside.mean() * abs(c - a)
+    return {"ece": float(ece), "bins": table}
+
+
+def train_rm(config: RMConfig, *, console=None) -> RunDir:
+    """Train a reward model; returns its run folder (model/, eval.json, metrics.jsonl)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from hhh.models.load import LoraSettings
+    from hhh.reward_model import build_reward_model
+
+    console = console or Console(stderr=True)
+    pairs = load_pairs(config)  # fail on bad data before creating anything
+    run = RunDir.create("rm", config, config.out)
+    seed_everything(config.seed)
+    # 1. pairs and the held-out split
+    train, held_out = split_by_prompt(pairs, config.eval_fraction, config.seed)
+    if config.ties == "skip":
+        train = train.take([i for i, t in enumerate(train.tie) if not t])
+    if not len(train):
+        raise ValueError("no training pairs left after the held-out split (and skipping ties)")
+    console.print(f"{len(train)} training pairs, {len(held_out)} held out ({len(set(held_out.prompts))} prompts)")
+    # 2. model
+    lora = None if config.lora is None else (LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora else False)
+    model = build_reward_model(config.backbone, lora=lora, max_length=config.max_length, device=config.device,
+                               seed=config.seed)
+    model.train()
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
+    optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}],
+                                  weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    scheduler = linear_decay(optimizer, steps_per_epoch * config.epochs)
+    stop = GracefulStop()
+    step, start, report = 0, time.time(), {}
+    # 3. epochs over shuffled minibatches
+    with stop, Progress(console=console, transient=True) as bar:
+        task = bar.add_task("training reward model", total=steps_per_epoch * config.epochs)
+        for epoch in range(config.epochs):
+            order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+            for first in range(0, len(train), config.batch_size):
+                batch = train.take(order[first:first + config.batch_size].tolist())
+                r_c, r_r = pair_rewards(model, batch)
+                margin = torch.tensor([m or 0.0 for m in batch.margin], device=model.device)
+                tie = torch.tensor(batch.tie, device=model.device)
+                loss = bradley_terry_loss(r_c, r_r, margin=margin, tie=tie, center_coef=config.center_coef)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                ordered = ~tie
+                acc = float(((r_c - r_r) > 0)[ordered].float().mean()) if ordered.any() else float("nan")
+                run.log({"step": step, "epoch": epoch, "loss/rm": loss.item(), "rm/train_accuracy": acc,
+                         "rm/chosen": r_c.mean().item(), "rm/rejected": r_r.mean().item(),
+                         "time/elapsed_s": time.time() - start})
+                bar.advance(task)
+                if stop.requested:
+                    break
+            # 4. held-out evaluation
+            report = evaluate_pairs(model, held_out, config.batch_size) if len(held_out) else {"pairs": 0}
+            run.log({"step": step, "epoch": epoch, **{f"rm/eval_{k}": v for k, v in report.items()
+                                                      if isinstance(v, int | float)}})
+            if "accuracy" in report:
+                console.print(f"epoch {epoch + 1}: held-out accuracy {report['accuracy']:.3f} on {report['pairs']} pairs, "
+                              f"loss {report['loss']:.3f}, ECE {report['calibration']['ece']:.3f}")
+            if stop.requested:
+                console.print("stopped early (Ctrl-C): saving the model as it is")
+                break
+    # 5. normalisation statistics on the training completions
+    texts = sorted(set(zip(train.prompts + train.prompts, train.chosen + train.rejected, strict=True)))
+    r = model.score([p for p, _ in texts], [c for _, c in texts], batch_size=config.batch_size)
+    model.stats = {"mean": float(r.mean()), "std": float(r.std()) if len(r) > 1 else 1.0, "n": len(r)}
+    model.save(run.path / "model", extra={"train_pairs": len(train), "held_out_pairs": len(held_out)})
+    run.write_json("eval.json", {**report, "train_seconds": time.time() - start, "steps": step,
+                                 "stopped_early": stop.requested, "stats": model.stats})
+    return run
+
+
+def eval_rm(config: RMEvalConfig) -> tuple[RunDir, dict]:
+    """Accuracy and calibration of a trained reward model on every ordered pair of `config.data`."""
+    from hhh.reward_model import load_reward_model
+
+    pairs = load_pairs(config)
+    model = load_reward_model(config.model, device=config.device)
+    run = RunDir.create("rm-eval", config, config.out)
+    report = evaluate_pairs(model, pairs, config.batch_size)
+    run.write_json("eval.json", report)
+    return run, report
