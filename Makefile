@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hhh-installed
 
-.PHONY: setup detox test test-fast lint
+.PHONY: setup detox test test-fast lint browser
 
 setup: $(STAMP)
 
@@ -23,9 +23,15 @@ $(STAMP): pyproject.toml Makefile
 detox: setup
 	$(BIN)/hhh detox $(ARGS)
 
-test: setup
+# The browser tests drive Debian's Chromium (Playwright with executable_path): installed here when missing.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: setup browser
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup browser
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ import torch
 
 from hhh.losses import (
     AdaptiveKL,
+    bradley_terry_loss,
     entropy_from_logprobs,
     gae,
     kl_per_token,
@@ -148,3 +149,27 @@ def test_adaptive_kl_by_hand():
     assert ctl.update(3.0, 100) == pytest.approx(0.0998)
     fixed = AdaptiveKL(0.1)
     assert fixed.update(100.0, 100) == 0.1
+
+
+def test_bradley_terry_by_hand():
+    """d = r_c - r_r = 1: -log sigma(1) = log(1 + e^-1) = 0.31326; d = -2: log(1 + e^2) = 2.12693. Mean 1.22010."""
+    loss = bradley_terry_loss(t([2.0, 0.0]), t([1.0, 2.0]))
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(2))) / 2, abs=1e-6)
+
+
+def test_bradley_terry_margin_tie_and_centring_by_hand():
+    """Margin 1 on d = 1: -log sigma(0) = log 2. A tie at d = 1: (log(1+e^-1) + log(1+e)) / 2 = (0.31326 + 1.31326)/2
+    = 0.81326; a tie is least at d = 0 (log 2), and its margin is ignored.
+    Centring 0.1 with r_c + r_r = 3: + 0.1 * 9 = 0.9."""
+    assert bradley_terry_loss(t([2.0]), t([1.0]), margin=t([1.0])).item() == pytest.approx(math.log(2))
+    tied = bradley_terry_loss(t([2.0]), t([1.0]), margin=t([5.0]), tie=t([True]))
+    assert tied.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2)
+    assert bradley_terry_loss(t([1.0]), t([1.0]), tie=t([True])).item() == pytest.approx(math.log(2))
+    centred = bradley_terry_loss(t([2.0]), t([1.0]), center_coef=0.1)
+    assert centred.item() == pytest.approx(math.log1p(math.exp(-1)) + 0.9)
+
+
+def test_bradley_terry_gradient_pushes_chosen_up():
+    r_c, r_r = t([0.0], requires_grad=True), t([0.0], requires_grad=True)
+    bradley_terry_loss(r_c, r_r).backward()
+    assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)  # -(1 - sigma(0))

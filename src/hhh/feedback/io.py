@@ -63,7 +63,7 @@ def _pair_record(row: dict, where: str) -> dict[str, Any]:
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are the same text")
     return {"prompt": prompt, "completions": [chosen, rejected], "tiers": [[0, 1]] if tie else [[0], [1]],
-            "unsafe": [], "margin": margin, "labeler": row.get("labeler")}
+            "unsafe": [], "margin": margin, "labeler": row.get("labeler"), "source": row.get("source")}
 
 
 def _ranking_record(row: dict, where: str) -> dict[str, Any]:
@@ -81,7 +81,7 @@ def _ranking_record(row: dict, where: str) -> dict[str, Any]:
     if not isinstance(unsafe, list) or not all(isinstance(i, int) and 0 <= i < len(completions) for i in unsafe):
         raise DataError(f"{where}: field 'unsafe' must list indices into 'completions'")
     return {"prompt": prompt, "completions": completions, "tiers": tiers, "unsafe": unsafe, "margin": None,
-            "labeler": row.get("labeler")}
+            "labeler": row.get("labeler"), "source": row.get("source")}
 
 
 def read_records(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
@@ -98,8 +98,8 @@ def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: 
                  role: str = "labeler", model: str = "import") -> dict[str, int]:
     """Add the prompts, completions and rankings of a pairs or rankings JSONL file; returns counts.
 
-    Each line is one ranking by the line's "labeler" (default `labeler`), created as needed with `role`
-    (no token: tokens come from `hhh label add-labeler`). A prompt that labeler already ranked is skipped.
+    Each line is one ranking by the line's "labeler" (default `labeler`), created as needed with `role`, or as an
+    AI labeler when the line says "source": "ai" (no token: tokens come from `hhh label add-labeler`). A prompt that labeler already ranked is skipped.
     """
     records = read_records(path, fmt)
     added = skipped = 0
@@ -110,7 +110,7 @@ def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: 
             if name not in labelers:
                 found = s.scalar(select(Labeler).where(Labeler.name == name))
                 if found is None:
-                    found = Labeler(name=name, role=role)
+                    found = Labeler(name=name, role="ai" if rec["source"] == "ai" else role)
                     s.add(found)
                     s.flush()
                 labelers[name] = found.id
