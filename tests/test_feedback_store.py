@@ -108,6 +108,7 @@ def test_pairs_filter_by_source_and_ties(store):
     assert len(store.pairs()) == 6
     assert len(store.pairs(ties=False)) == 5
     assert {p["source"] for p in store.pairs(source="ai")} == {"ai"} and len(store.pairs(source="human")) == 3
+    assert {p["labeler"] for p in store.pairs(labelers=["ann"])} == {"ann"} and store.pairs(labelers=["zed"]) == []
 
 
 def test_pairs_jsonl_round_trip_with_margin_and_hh_transcripts(tmp_path):
@@ -214,3 +215,43 @@ def test_labeler_names_are_unique_and_tokens_are_not_stored(store):
         stored = conn.execute(text("SELECT token_hash FROM labelers")).scalar()
     assert stored != token and len(stored) == 64
     assert store.labeler_for_token(token).name == "ann" and store.labeler_for_token("wrong") is None
+
+
+def test_pairs_of_one_ranking_are_merged_back_into_it(store, tmp_path):
+    """An export of pairs imports as the rankings it came from (margins kept per pair), with its ties or without."""
+    ann = labeler(store, "ann")
+    store.submit(ann, 1, [[2], [1, 3]], submission_id="s1")
+    store.submit(ann, 2, [[6], [5], [4]], submission_id="s2")
+    out = tmp_path / "pairs.jsonl"
+    export_jsonl(store, out, "pairs", ties=True)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    lines[0]["margin"] = 1.5
+    out.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    other = Store(tmp_path / "other.db")
+    assert import_jsonl(other, out) == {"rankings": 2, "skipped": 0}
+    texts = {c["id"]: c["text"] for it in other.items() for c in it["completions"]}
+    got = [[[texts[c] for c in tier] for tier in r["tiers"]] for r in other.rankings()]
+    assert got == [[["b0"], ["a0", "c0"]], [["c1"], ["b1"], ["a1"]]]
+    assert [p["margin"] for p in other.pairs()].count(1.5) == 1
+    export_jsonl(store, out, "pairs")  # ties left out: the missing comparison a0-c0 is read as the tie it was
+    third = Store(tmp_path / "third.db")
+    import_jsonl(third, out)
+    assert [r["tiers"] for r in third.rankings()] == [[[1], [2, 3]], [[4], [5], [6]]]
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([("a", "b"), ("b", "c"), ("c", "a")], "do not form one ranking"),   # a cycle
+        ([("a", "b"), ("c", "d")], "do not form one ranking"),               # a partial order
+        ([("a", "b"), ("a", "c"), ("b", "d")], "do not form one ranking"),   # c-d unstated, but c, d differ
+        ([("a", "b"), ("b", "a")], "already compared"),
+    ],
+)
+def test_pairs_that_are_not_a_ranking_are_refused(tmp_path, rows, message):
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"prompt": "p", "chosen": c, "rejected": r}) + "\n" for c, r in rows))
+    store = Store(tmp_path / "x.db")
+    with pytest.raises(DataError) as e:
+        import_jsonl(store, src)
+    assert message in str(e.value) and f"{src}:" in str(e.value) and store.counts()["rankings"] == 0

@@ -211,7 +211,8 @@ class RMDataSettings(Settings):
     data: str = Field("feedback.db", description="pairs: JSONL file, hf:NAME[:SPLIT], or a preference store "
                                                  "(db:PATH_OR_URL, or a path ending in .db)")
     data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
-    max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs")
+    labelers: list[str] = Field([], description="from a store: only the pairs of these labelers (comma-separated)")
+    max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs (after leaving out ties, where they are)")
     max_length: int = Field(256, gt=8, description="tokens per (prompt, completion); longer inputs are truncated")
     batch_size: int = Field(32, gt=0, description="pairs per step (eval: per forward)")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")

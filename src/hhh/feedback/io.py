@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from hhh.data import DataError, read_jsonl
-from hhh.feedback.rankings import RankingError, check_tiers
+from hhh.feedback.rankings import RankingError, check_tiers, tiers_to_pairs
 from hhh.feedback.store import Labeler, Ranking, Store, StoreError, select
 
 ASSISTANT = "\n\nAssistant:"
@@ -90,8 +90,51 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
     for lineno, row in read_jsonl(path):
         where = f"{path}:{lineno}"
         kind = fmt if fmt != "auto" else ("rankings" if "completions" in row else "pairs")
-        records.append(_ranking_record(row, where) if kind == "rankings" else _pair_record(row, where))
+        rec = _ranking_record(row, where) if kind == "rankings" else _pair_record(row, where)
+        records.append({**rec, "where": where, "kind": kind})
     return records
+
+
+def merge_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several pair lines of one prompt by one labeler -> one ranking, when together they are the pairs of some
+    ranking (as an export writes them, with or without its ties); anything else (a cycle, or a partial order such
+    as a>b, c>d alone) is an error.
+
+    A comparison no line states is read as a tie. Tiers then come from win counts (a tie counts 1/2 to each side):
+    in any ranking every completion of a higher tier has more wins than every completion of a lower one. The
+    ranking must imply exactly the stated ordered pairs, and ties for all the others.
+    """
+    texts = list(dict.fromkeys(c for rec in records for c in rec["completions"]))
+    index = {t: i for i, t in enumerate(texts)}
+    stated: dict[tuple[int, int], tuple[int, int, bool]] = {}  # (low, high) index -> (better, worse, tie)
+    margins: dict[tuple[int, int], float] = {}
+    wins = [0.0] * len(texts)
+    for rec in records:
+        if rec["kind"] != "pairs":
+            raise DataError(f"{rec['where']}: another line of this file ranks this prompt for labeler "
+                            f"{rec['labeler']!r}; only pair lines can be merged")
+        chosen, rejected = (index[c] for c in rec["completions"])
+        key, tie = (min(chosen, rejected), max(chosen, rejected)), len(rec["tiers"]) == 1
+        if key in stated:
+            raise DataError(f"{rec['where']}: these two completions were already compared on an earlier line")
+        stated[key] = (*key, True) if tie else (chosen, rejected, False)
+        if rec["margin"] is not None:
+            margins[stated[key][:2]] = rec["margin"]
+        wins[chosen] += 0.5 if tie else 1.0
+        wins[rejected] += 0.5 if tie else 0.0
+    n = len(texts)
+    for key in ((a, b) for a in range(n) for b in range(a + 1, n)):
+        if key not in stated:  # unstated: a tie
+            wins[key[0]] += 0.5
+            wins[key[1]] += 0.5
+    levels = sorted(set(wins), reverse=True)
+    tiers = [[i for i, w in enumerate(wins) if w == level] for level in levels]
+    implied = {(min(p.better, p.worse), max(p.better, p.worse)): (p.better, p.worse, p.tie) for p in tiers_to_pairs(tiers)}
+    if any(implied[k] != v for k, v in stated.items()) or any(not v[2] for k, v in implied.items() if k not in stated):
+        raise DataError(f"{records[0]['where']}: the {len(records)} pairs of this prompt by labeler "
+                        f"{records[0]['labeler']!r} do not form one ranking (comparisons missing or contradicting "
+                        "each other); give each line its own 'labeler', or import rankings instead")
+    return {**records[0], "completions": texts, "tiers": tiers, "unsafe": [], "margin": None, "margins": margins}
 
 
 def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: str = "import",
@@ -99,14 +142,20 @@ def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: 
     """Add the prompts, completions and rankings of a pairs or rankings JSONL file; returns counts.
 
     Each line is one ranking by the line's "labeler" (default `labeler`), created as needed with `role`, or as an
-    AI labeler when the line says "source": "ai" (no token: tokens come from `hhh label add-labeler`). A prompt that labeler already ranked is skipped.
+    AI labeler when the line says "source": "ai" (no token: tokens come from `hhh label add-labeler`). Several
+    pair lines of one prompt by one labeler are merged into the one ranking they describe. A prompt that labeler
+    already ranked in the store is skipped.
     """
-    records = read_records(path, fmt)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in read_records(path, fmt):
+        rec["labeler"] = rec["labeler"] or labeler
+        groups.setdefault((rec["prompt"], rec["labeler"]), []).append(rec)
+    records = [group[0] if len(group) == 1 else merge_pairs(group) for group in groups.values()]
     added = skipped = 0
     with store.write() as s:
         labelers: dict[str, int] = {}
         for rec in records:
-            name = rec["labeler"] or labeler
+            name = rec["labeler"]
             if name not in labelers:
                 found = s.scalar(select(Labeler).where(Labeler.name == name))
                 if found is None:
@@ -125,7 +174,8 @@ def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: 
                               tiers=tiers, unsafe=[cids[i] for i in rec["unsafe"]])
             s.add(ranking)
             s.flush()
-            store.add_pairs(s, ranking, margin=rec["margin"])
+            margins = {(cids[a], cids[b]): m for (a, b), m in rec.get("margins", {}).items()}
+            store.add_pairs(s, ranking, margin=rec["margin"], margins=margins)
             added += 1
     return {"rankings": added, "skipped": skipped}
 

@@ -318,10 +318,12 @@ class Store:
             raise StoreError(str(e)) from None
 
     @staticmethod
-    def add_pairs(session: Session, ranking: Ranking, *, margin: float | None = None) -> None:
-        """The K(K-1)/2 pairs of a ranking's tiers."""
+    def add_pairs(session: Session, ranking: Ranking, *, margin: float | None = None,
+                  margins: dict[tuple[int, int], float] | None = None) -> None:
+        """The K(K-1)/2 pairs of a ranking's tiers; `margins` {(better, worse): m} overrides `margin` per pair."""
         ranking.pairs.extend(Pair(prompt_id=ranking.prompt_id, better_id=p.better, worse_id=p.worse, tie=p.tie,
-                                  margin=margin) for p in tiers_to_pairs(ranking.tiers))
+                                  margin=(margins or {}).get((p.better, p.worse), margin))
+                             for p in tiers_to_pairs(ranking.tiers))
 
     def skip(self, labeler_id: int, prompt_id: int) -> None:
         with self.write() as s:
@@ -378,10 +380,10 @@ class Store:
                      "tiers": r.tiers, "unsafe": r.unsafe, "revision": r.revision,
                      "updated_at": r.updated_at.isoformat()} for r, lab in s.execute(q)]
 
-    def pairs(self, *, ties: bool = True, source: str = "all") -> list[dict[str, Any]]:
+    def pairs(self, *, ties: bool = True, source: str = "all", labelers: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Preference pairs with texts: {prompt, chosen, rejected, tie, margin, labeler, source, ...}.
 
-        source: "human" (labelers and admins), "ai", or "all".
+        source: "human" (labelers and admins), "ai", or "all"; labelers: only these (by name), if given.
         """
         with self.read() as s:
             q = (select(Pair, Ranking, Labeler).join(Ranking, Ranking.id == Pair.ranking_id)
@@ -392,6 +394,8 @@ class Store:
                 q = q.where(Labeler.role != "ai")
             elif source == "ai":
                 q = q.where(Labeler.role == "ai")
+            if labelers:
+                q = q.where(Labeler.name.in_(list(labelers)))
             rows = s.execute(q).all()
             texts = dict(s.execute(select(Completion.id, Completion.text)).all())
             prompts = dict(s.execute(select(Prompt.id, Prompt.text)).all())

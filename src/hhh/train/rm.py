@@ -39,8 +39,8 @@ class Pairs:
         return Pairs(*([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin")))
 
 
-def load_pairs(settings: RMDataSettings) -> Pairs:
-    """Pairs from a JSONL file, an hf: dataset or a preference store (ties included, marked)."""
+def load_pairs(settings: RMDataSettings, *, skip_ties: bool = False) -> Pairs:
+    """Pairs from a JSONL file, an hf: dataset or a preference store; ties marked, or left out (before max_pairs)."""
     data = settings.data
     if data.startswith("db:") or data.endswith(".db"):
         from hhh.feedback.store import Store
@@ -48,7 +48,7 @@ def load_pairs(settings: RMDataSettings) -> Pairs:
         db = data.removeprefix("db:")
         if "://" not in db and not Path(db).is_file():
             raise FileNotFoundError(f"data {data!r}: no preference store at {db}")
-        rows = Store(db).pairs(source=settings.data_source)
+        rows = Store(db).pairs(source=settings.data_source, labelers=settings.labelers)
     elif data.startswith("hf:"):
         rows = _hf_rows(data)
     else:
@@ -60,6 +60,8 @@ def load_pairs(settings: RMDataSettings) -> Pairs:
         for rec in read_records(data, "pairs"):
             rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
                          "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
+    if skip_ties:
+        rows = [r for r in rows if not r.get("tie")]
     rows = rows[: settings.max_pairs] if settings.max_pairs else rows
     if not rows:
         raise ValueError(f"data {data!r}: no preference pairs")
@@ -93,10 +95,32 @@ def split_by_prompt(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pa
 
 
 def pair_rewards(model, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (B,), from one forward over the 2B sequences."""
-    batch = model.encode(pairs.prompts + pairs.prompts, pairs.chosen + pairs.rejected)
-    r = model(**batch)
-    return r[: len(pairs)], r[len(pairs):]
+    """(r_chosen, r_rejected), each (B,), from one forward over the distinct (prompt, completion) texts.
+
+    A prompt ranked with K completions gives K(K-1)/2 pairs but only K texts: batches that hold all pairs of
+    their prompts (see `prompt_batches`) run K forwards instead of K(K-1), as InstructGPT does (sec. 3.5).
+    """
+    texts = list(dict.fromkeys(zip(pairs.prompts * 2, pairs.chosen + pairs.rejected, strict=True)))
+    index = {t: i for i, t in enumerate(texts)}
+    r = model(**model.encode([p for p, _ in texts], [c for _, c in texts]))
+    chosen = torch.tensor([index[t] for t in zip(pairs.prompts, pairs.chosen, strict=True)], device=r.device)
+    rejected = torch.tensor([index[t] for t in zip(pairs.prompts, pairs.rejected, strict=True)], device=r.device)
+    return r[chosen], r[rejected]
+
+
+def prompt_batches(pairs: Pairs, batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Pair indices in batches of whole prompts (shuffled), each batch closed once it holds >= batch_size pairs."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs.prompts):
+        by_prompt.setdefault(p, []).append(i)
+    groups = list(by_prompt.values())
+    batches, current = [], []
+    for g in rng.permutation(len(groups)):
+        current += groups[g]
+        if len(current) >= batch_size:
+            batches.append(current)
+            current = []
+    return batches + ([current] if current else [])
 
 
 def evaluate_pairs(model, pairs: Pairs, batch_size: int) -> dict:
@@ -105,9 +129,11 @@ def evaluate_pairs(model, pairs: Pairs, batch_size: int) -> dict:
     pairs = pairs.take(ordered)
     if not len(pairs):
         return {"pairs": 0}
-    chosen = model.score(pairs.prompts, pairs.chosen, batch_size=batch_size)
-    rejected = model.score(pairs.prompts, pairs.rejected, batch_size=batch_size)
-    d = (chosen - rejected).double()
+    texts = list(dict.fromkeys(zip(pairs.prompts * 2, pairs.chosen + pairs.rejected, strict=True)))
+    scores = dict(zip(texts, model.score([p for p, _ in texts], [c for _, c in texts], batch_size=batch_size).tolist(),
+                      strict=True))
+    d = torch.tensor([scores[(p, c)] - scores[(p, r)] for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected,
+                                                                          strict=True)], dtype=torch.float64)
     p = torch.sigmoid(d).numpy()
     return {"pairs": len(pairs), "accuracy": float((d > 0).double().mean()),
             "loss": float(-torch.nn.functional.logsigmoid(d).mean()),
@@ -140,15 +166,13 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
     from hhh.reward_model import build_reward_model
 
     console = console or Console(stderr=True)
-    pairs = load_pairs(config)  # fail on bad data before creating anything
+    pairs = load_pairs(config, skip_ties=config.ties == "skip")  # bad data fails before anything is created
     run = RunDir.create("rm", config, config.out)
     seed_everything(config.seed)
     # 1. pairs and the held-out split
     train, held_out = split_by_prompt(pairs, config.eval_fraction, config.seed)
-    if config.ties == "skip":
-        train = train.take([i for i, t in enumerate(train.tie) if not t])
     if not len(train):
-        raise ValueError("no training pairs left after the held-out split (and skipping ties)")
+        raise ValueError("no training pairs left after the held-out split")
     console.print(f"{len(train)} training pairs, {len(held_out)} held out ({len(set(held_out.prompts))} prompts)")
     # 2. model
     lora = None if config.lora is None else (LoraSettings(r=config.lora_r, alpha=config.lora_alpha) if config.lora else False)
@@ -158,7 +182,7 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
     body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("head.")]
     optimizer = torch.optim.AdamW([{"params": body, "lr": config.lr}, {"params": model.head.parameters(), "lr": config.head_lr}],
                                   weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    steps_per_epoch = len(prompt_batches(train, config.batch_size, np.random.default_rng(0)))
     scheduler = linear_decay(optimizer, steps_per_epoch * config.epochs)
     stop = GracefulStop()
     step, start, report = 0, time.time(), {}
@@ -166,9 +190,8 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
     with stop, Progress(console=console, transient=True) as bar:
         task = bar.add_task("training reward model", total=steps_per_epoch * config.epochs)
         for epoch in range(config.epochs):
-            order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-            for first in range(0, len(train), config.batch_size):
-                batch = train.take(order[first:first + config.batch_size].tolist())
+            for index in prompt_batches(train, config.batch_size, np.random.default_rng([config.seed, epoch])):
+                batch = train.take(index)
                 r_c, r_r = pair_rewards(model, batch)
                 margin = torch.tensor([m or 0.0 for m in batch.margin], device=model.device)
                 tie = torch.tensor(batch.tie, device=model.device)
@@ -211,7 +234,7 @@ def eval_rm(config: RMEvalConfig) -> tuple[RunDir, dict]:
     """Accuracy and calibration of a trained reward model on every ordered pair of `config.data`."""
     from hhh.reward_model import load_reward_model
 
-    pairs = load_pairs(config)
+    pairs = load_pairs(config, skip_ties=True)
     model = load_reward_model(config.model, device=config.device)
     run = RunDir.create("rm-eval", config, config.out)
     report = evaluate_pairs(model, pairs, config.batch_size)
