@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hhh-installed
 
-.PHONY: setup detox test test-fast lint browser
+.PHONY: setup detox test test-fast lint system
 
 setup: $(STAMP)
 
@@ -23,15 +23,17 @@ $(STAMP): pyproject.toml Makefile
 detox: setup
 	$(BIN)/hhh detox $(ARGS)
 
-# The browser tests drive Debian's Chromium (Playwright with executable_path): installed here when missing.
-browser:
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+# Debian packages the tests use, installed here when missing: Chromium (browser tests, driven by Playwright
+# with executable_path) and the PostgreSQL server (the store's tests run on SQLite and on PostgreSQL).
+system:
+	@{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && \
+	  { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium postgresql >/dev/null; }
 
-test: setup browser
+test: setup system
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup browser
+test-fast: setup system
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

@@ -43,8 +43,10 @@ def test_rank_numbers_to_tiers_and_outcomes():
     assert outcome(tiers, 11, 13) == 1 and outcome(tiers, 13, 11) == -1 and outcome(tiers, 10, 12) == 0
 
 
-def test_rank_by_score_ties_within_threshold_of_the_tier_best():
-    """Scores 0.9, 0.86, 0.82, 0.1 with threshold 0.05: 0.86 joins 0.9's tier, 0.82 is 0.08 below 0.9 -> new tier."""
-    assert rank_by_score([1, 2, 3, 4], [0.9, 0.86, 0.82, 0.1], 0.05) == [[1, 2], [3], [4]]
+def test_rank_by_score_splits_only_at_gaps_wider_than_the_threshold():
+    """Scores 0.9, 0.86, 0.82, 0.1 with threshold 0.05: gaps 0.04, 0.04, 0.72 -> [[1, 2, 3], [4]]: the chain 0.9-0.82
+    is one tier, and every ordered pair differs by more than 0.05. Threshold 0.03: every gap splits."""
+    assert rank_by_score([1, 2, 3, 4], [0.9, 0.86, 0.82, 0.1], 0.05) == [[1, 2, 3], [4]]
+    assert rank_by_score([1, 2, 3, 4], [0.9, 0.86, 0.82, 0.1], 0.03) == [[1], [2], [3], [4]]
     assert rank_by_score([1, 2], [0.5, 0.5], 0.0) == [[1, 2]]
     assert rank_by_score([5, 6, 7], [0.1, 0.3, 0.2]) == [[6], [7], [5]]

@@ -12,10 +12,10 @@ from hhh.feedback.migrations import current
 from hhh.feedback.store import Base, Store, StoreError
 
 
-@pytest.fixture
-def store(tmp_path):
-    """3 prompts with 3 completions each: prompt i has completions 3i+1, 3i+2, 3i+3."""
-    s = Store(tmp_path / "fb.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """3 prompts with 3 completions each: prompt i has completions 3i+1, 3i+2, 3i+3; on SQLite and on PostgreSQL."""
+    s = Store(tmp_path / "fb.db" if request.param == "sqlite" else request.getfixturevalue("postgres")())
     for i in range(3):
         pid = s.add_prompt(f"prompt {i}")
         for letter in "abc":
@@ -31,14 +31,15 @@ def test_migrations_build_exactly_the_models_schema(store):
     assert current(store.url) == "0001"
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        if store.url.startswith("sqlite"):
+            assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+            assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
 
 
-def test_reopening_keeps_everything_and_does_not_migrate_twice(store, tmp_path):
+def test_reopening_keeps_everything_and_does_not_migrate_twice(store):
     ann = labeler(store, "ann")
     store.submit(ann, 1, [[1], [2], [3]], submission_id="s1")
-    again = Store(tmp_path / "fb.db")
+    again = Store(store.url)
     assert again.counts() == {"prompts": 3, "completions": 9, "labelers": 1, "rankings": 1, "pairs": 3, "skips": 0}
 
 

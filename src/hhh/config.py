@@ -195,7 +195,8 @@ class LabelAutoConfig(Settings):
     db: str = Field("feedback.db", description="preference store: SQLite file or SQLAlchemy URL")
     reward: str = Field("toxicity + 0.25*sentiment", description="reward spec that ranks completions (higher first)")
     labeler: str | None = Field(None, description="name of the AI labeler (default ai:REWARD)")
-    tie_threshold: float = Field(0.05, ge=0, description="completions scoring within this of a tier's best are tied")
+    tie_threshold: float = Field(0.05, ge=0, description="ordered pairs differ by more than this; closer scores "
+                                                          "(chained) are tied")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (for model-based rewards)")
 
 
@@ -227,7 +228,7 @@ class RMConfig(RMDataSettings):
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
     epochs: int = Field(2, gt=0, description="passes over the training pairs")
-    lr: float = Field(5e-5, gt=0, description="learning rate of the backbone (or its adapters), linear decay")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the backbone (or its adapters), linear decay")
     head_lr: float = Field(1e-3, gt=0, description="learning rate of the scalar head")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     ties: typing.Literal["skip", "half"] = Field("skip", description="tied pairs: leave out, or train toward "

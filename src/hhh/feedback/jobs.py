@@ -14,17 +14,20 @@ from hhh.feedback.store import Completion, Ranking, Store
 
 
 def rank_by_score(ids: Sequence[int], scores: Sequence[float], tie_threshold: float = 0.0) -> list[list[int]]:
-    """Tiers, best first: a completion joins the current tier when it scores within `tie_threshold` of the
-    tier's best (measured from the best, so a tier never spans more than the threshold)."""
+    """Tiers, best first, split where consecutive sorted scores differ by more than `tie_threshold`.
+
+    So any two completions in different tiers differ by more than the threshold: every ordered pair the AI
+    labeler states is a clear preference, and near-equal scores become ties (a tier may chain wider).
+    """
     order = sorted(zip(scores, ids, strict=True), key=lambda t: (-t[0], t[1]))
     tiers: list[list[int]] = []
-    top = None
+    previous = None
     for score, cid in order:
-        if top is not None and top - score <= tie_threshold:
+        if previous is not None and previous - score <= tie_threshold:
             tiers[-1].append(cid)
         else:
             tiers.append([cid])
-            top = score
+        previous = score
     return [sorted(t) for t in tiers]
 
 
@@ -44,11 +47,11 @@ def generate(config: LabelGenerateConfig, *, console=None) -> dict[str, int]:
     with store.write() as s:
         pids = [store.add_prompt(p, config.prompts, session=s) for p in prompts]
         # resume: (prompt, instruction) groups that already hold k completions of this model and adapter
-        have = dict(((pid, instr), n) for pid, instr, n in s.execute(
+        same_adapter = Completion.adapter.is_(None) if config.adapter is None else Completion.adapter == config.adapter
+        have = {(pid, instr): n for pid, instr, n in s.execute(
             select(Completion.prompt_id, Completion.instruction, func.count(Completion.id))
-            .where(Completion.model == config.model, Completion.adapter.is_(config.adapter)
-                   if config.adapter is None else Completion.adapter == config.adapter)
-            .group_by(Completion.prompt_id, Completion.instruction)))
+            .where(Completion.model == config.model, same_adapter)
+            .group_by(Completion.prompt_id, Completion.instruction))}
     rows = [(pid, text, instr) for pid, text in zip(pids, prompts, strict=True) for instr in instructions
             for _ in range(max(config.k - have.get((pid, instr or None), 0), 0))]
     if not rows:
