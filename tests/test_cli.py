@@ -58,6 +58,7 @@ def test_help_lists_every_setting(capsys):
 def test_public_api_and_light_imports():
     """`import hhh` and `hhh.losses` must not pull in transformers (STYLE: heavy imports stay out)."""
     code = ("import sys, hhh, hhh.losses; assert 'transformers' not in sys.modules, 'heavy import';"
-            "from hhh import DetoxConfig, detox, train_ppo, evaluate, load_prompts; print('ok')")
+            "from hhh import DetoxConfig, detox, train_ppo, evaluate, load_prompts, Store, train_rm, RMConfig;"
+            "assert 'fastapi' not in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -6,13 +6,26 @@ import torch
 from hhh.losses import (
     AdaptiveKL,
     bradley_terry_loss,
+    dpo_loss,
     entropy_from_logprobs,
     gae,
+    global_whiten,
+    grpo_advantages,
+    grpo_loss,
+    hinge_loss,
+    ipo_loss,
     kl_per_token,
+    kto_kl_baseline,
+    kto_loss,
     masked_mean,
     masked_whiten,
+    orpo_loss,
     ppo_policy_loss,
+    reinforce_loss,
+    rloo_advantages,
+    robust_dpo_loss,
     shaped_rewards,
+    simpo_loss,
     token_mean,
     value_loss,
 )
@@ -173,3 +186,92 @@ def test_bradley_terry_gradient_pushes_chosen_up():
     r_c, r_r = t([0.0], requires_grad=True), t([0.0], requires_grad=True)
     bradley_terry_loss(r_c, r_r).backward()
     assert r_c.grad.item() == pytest.approx(-0.5) and r_r.grad.item() == pytest.approx(0.5)  # -(1 - sigma(0))
+
+
+# pi_c = -1, pi_r = -2, ref_c = ref_r = -1.5: h = (-1 + 1.5) - (-2 + 1.5) = 1; beta = 0.1 -> z = 0.1
+PREF = (t([-1.0]), t([-2.0]), t([-1.5]), t([-1.5]))
+
+
+def test_dpo_by_hand_and_log_2_when_the_policy_is_the_reference():
+    """-log sigma(0.1) = log(1 + e^-0.1) = 0.644397; at step 0 pi = ref, h = 0: log 2."""
+    assert dpo_loss(*PREF, beta=0.1).item() == pytest.approx(math.log1p(math.exp(-0.1)), abs=1e-6)
+    same = t([-3.0, -7.0])
+    assert dpo_loss(same, t([-4.0, -1.0]), same, t([-4.0, -1.0])).item() == pytest.approx(math.log(2))
+
+
+def test_cdpo_and_robust_dpo_by_hand():
+    """-log sigma(-z) = -log sigma(z) + z = 0.744397.
+    cDPO eps 0.1: 0.9 * 0.644397 + 0.1 * 0.744397 = 0.654397.
+    robust eps 0.1: (0.9 * 0.644397 - 0.1 * 0.744397) / 0.8 = 0.631897."""
+    a, b = math.log1p(math.exp(-0.1)), math.log1p(math.exp(0.1))
+    assert dpo_loss(*PREF, beta=0.1, label_smoothing=0.1).item() == pytest.approx(0.9 * a + 0.1 * b, abs=1e-6)
+    assert robust_dpo_loss(*PREF, beta=0.1, eps=0.1).item() == pytest.approx((0.9 * a - 0.1 * b) / 0.8, abs=1e-6)
+    assert robust_dpo_loss(*PREF, beta=0.1, eps=0.0).item() == pytest.approx(a, abs=1e-6)
+    with pytest.raises(ValueError):
+        robust_dpo_loss(*PREF, eps=0.5)
+
+
+def test_ipo_and_hinge_by_hand():
+    """IPO: (h - 1/(2 beta))^2 = (1 - 5)^2 = 16. Hinge: max(0, 1 - 0.1 * 1) = 0.9; with beta 2: max(0, -1) = 0."""
+    assert ipo_loss(*PREF, beta=0.1).item() == pytest.approx(16.0)
+    assert hinge_loss(*PREF, beta=0.1).item() == pytest.approx(0.9)
+    assert hinge_loss(*PREF, beta=2.0).item() == 0.0
+
+
+def test_simpo_and_orpo_by_hand():
+    """SimPO: mean log-probs -0.5 and -1, beta 2, gamma 1: -log sigma(2 * 0.5 - 1) = log 2.
+    ORPO: P_w = 0.5 (odds 1, log odds 0), P_l = 0.25 (odds 1/3): -log sigma(log 3) = log(4/3) = 0.287682;
+    NLL 2 + 0.1 * 0.287682 = 2.0287682."""
+    assert simpo_loss(t([-0.5]), t([-1.0]), beta=2.0, gamma=1.0).item() == pytest.approx(math.log(2))
+    orpo = orpo_loss(t([math.log(0.5)]), t([math.log(0.25)]), t([2.0]), lam=0.1)
+    assert orpo.item() == pytest.approx(2.0 + 0.1 * math.log(4 / 3), abs=1e-6)
+
+
+def test_kto_by_hand():
+    """r = pi - ref = [1, 0.5]; first desirable, second not; z0 = 0.2, beta 1:
+    1 - sigma(0.8) = 0.310026 ; 1 - sigma(0.2 - 0.5) = 1 - sigma(-0.3) = 0.574443 ; mean 0.442234."""
+    loss = kto_loss(t([-1.0, -1.0]), t([-2.0, -1.5]), t([True, False]), t(0.2), beta=1.0)
+    expected = ((1 - 1 / (1 + math.exp(-0.8))) + (1 - 1 / (1 + math.exp(0.3)))) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert kto_kl_baseline(t([-1.0, -2.0]), t([-1.3, -1.9])).item() == pytest.approx(0.1)  # mean(0.3, -0.1)
+    assert kto_kl_baseline(t([-2.0]), t([-1.0])).item() == 0.0  # clamped at 0
+    pi = t([-1.0], requires_grad=True)
+    assert not kto_kl_baseline(pi, t([-2.0])).requires_grad  # detached
+
+
+def test_grpo_advantages_are_zero_when_a_group_agrees():
+    """Groups [1, 2, 3] (mean 2, sample std 1) and [5, 5, 5]: [-1, 0, 1] / (1 + 1e-4) and zeros."""
+    adv = grpo_advantages(t([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    torch.testing.assert_close(adv, t([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (1 + 1e-4))
+    torch.testing.assert_close(grpo_advantages(t([1.0, 2.0, 3.0]), 3, scale=False), t([-1.0, 0.0, 1.0]))
+
+
+def test_rloo_and_reinforce_pp_advantages_by_hand():
+    """RLOO on [1, 2, 3]: baselines 2.5, 2, 1.5 -> [-1.5, 0, 1.5] = 3/2 * (r - mean). Global whitening: [-1, 0, 1]."""
+    torch.testing.assert_close(rloo_advantages(t([1.0, 2.0, 3.0]), 3), t([-1.5, 0.0, 1.5]))
+    torch.testing.assert_close(rloo_advantages(t([4.0, 4.0]), 2), t([0.0, 0.0]))
+    torch.testing.assert_close(global_whiten(t([1.0, 2.0, 3.0])), t([-1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError):
+        rloo_advantages(t([1.0]), 1)
+
+
+def test_grpo_loss_clipping_kl_and_aggregation_by_hand():
+    """One token with ratio 1.5 and A = 1: max(-1.5, -1.2) = -1.2. k3 with ref/pi = 0.5: 0.5 - 1 + log 2 = 0.193147,
+    times beta 0.1. Aggregation: sequences of 1 and 3 tokens with A = 1 and -1 (ratio 1): per-token -1 and +1;
+    token mean (-1 + 3) / 4 = 0.5, sequence mean (-1 + 1) / 2 = 0."""
+    one = t([[0.0]])
+    loss, clipfrac, _ = grpo_loss(t([[math.log(1.5)]]), one, t([[math.log(1.5)]]), t([1.0]), t([[1.0]]), beta=0.0)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
+    loss, _, kl = grpo_loss(one, one, t([[math.log(0.5)]]), t([0.0]), t([[1.0]]), beta=0.1)
+    assert kl.item() == pytest.approx(0.5 - 1 + math.log(2)) and loss.item() == pytest.approx(0.1 * kl.item())
+    logp = torch.zeros(2, 3)
+    mask = t([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    tok, _, _ = grpo_loss(logp, logp, logp, t([1.0, -1.0]), mask, beta=0.0, aggregation="token")
+    seq, _, _ = grpo_loss(logp, logp, logp, t([1.0, -1.0]), mask, beta=0.0, aggregation="sequence")
+    assert tok.item() == pytest.approx(0.5) and seq.item() == pytest.approx(0.0)
+
+
+def test_reinforce_loss_by_hand():
+    """Sequence log-probs -1 + -2 = -3 and -0.5 (second token masked); A = [1, -2]: -(1 * -3 + -2 * -0.5) / 2 = 1."""
+    loss = reinforce_loss(t([[-1.0, -2.0], [-0.5, -9.0]]), t([1.0, -2.0]), t([[1.0, 1.0], [1.0, 0.0]]))
+    assert loss.item() == pytest.approx(1.0)

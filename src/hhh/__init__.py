@@ -20,6 +20,16 @@ _EXPORTS = {
     "build_reward": "hhh.rewards",
     "load_prompts": "hhh.data",
     "RunDir": "hhh.runs",
+    "Store": "hhh.feedback.store",
+    "create_app": "hhh.feedback.app",
+    "LabelGenerateConfig": "hhh.config",
+    "LabelAutoConfig": "hhh.config",
+    "RMConfig": "hhh.config",
+    "RMEvalConfig": "hhh.config",
+    "train_rm": "hhh.train.rm",
+    "eval_rm": "hhh.train.rm",
+    "build_reward_model": "hhh.reward_model",
+    "load_reward_model": "hhh.reward_model",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,20 @@ References
   [Touvron23]  Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288
   [Eisenstein23] Helping or Herding? Reward Model Ensembles Mitigate but do not Eliminate Reward Hacking,
                arXiv:2312.09244
+  [Rafailov23] Direct Preference Optimization, arXiv:2305.18290
+  [Mitchell23] A note on DPO with noisy preferences and relationship to IPO (cDPO), ericmitchell.ai/cdpo.pdf
+  [Chowdhury24] Provably Robust DPO: Aligning Language Models with Noisy Feedback, arXiv:2403.00409
+  [Azar23]     A General Theoretical Paradigm to Understand Learning from Human Preferences (IPO), arXiv:2310.12036
+  [Zhao23]     SLiC-HF: Sequence Likelihood Calibration with Human Feedback, arXiv:2305.10425
+  [Meng24]     SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734
+  [Hong24]     ORPO: Monolithic Preference Optimization without Reference Model, arXiv:2403.07691
+  [Ethayarajh24] KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306
+  [Shao24]     DeepSeekMath (GRPO), arXiv:2402.03300
+  [Ahmadian24] Back to Basics: Revisiting REINFORCE Style Optimization (RLOO), arXiv:2402.14740
+  [Hu25]       REINFORCE++, arXiv:2501.03262
+
+Preference losses take sequence log-probs (B,): the sum over completion tokens of log pi(y_t | x, y_<t),
+or the mean over them where the method says so (SimPO, ORPO). pi_* are the policy's, ref_* the reference's.
 """
 
 from __future__ import annotations
@@ -181,3 +195,136 @@ def bradley_terry_loss(
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss
+
+
+# --- offline preference optimisation ---------------------------------------------------------------
+
+
+def dpo_margin(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor) -> Tensor:
+    """h = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), (B,): the implicit reward margin / beta."""
+    return (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
+
+
+def dpo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float = 0.1,
+             label_smoothing: float = 0.0) -> Tensor:
+    """DPO [Rafailov23 eq. 7]: -log sigma(beta h). With label_smoothing eps > 0, cDPO [Mitchell23]: the label is
+    flipped with probability eps, (1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h). Mean over the batch."""
+    z = beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+    loss = -torch.nn.functional.logsigmoid(z)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * torch.nn.functional.logsigmoid(-z)
+    return loss.mean()
+
+
+def robust_dpo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+                    beta: float = 0.1, eps: float = 0.1) -> Tensor:
+    """Robust DPO [Chowdhury24]: an unbiased loss under labels flipped with known rate eps < 1/2,
+    ((1 - eps) * -log sigma(beta h) - eps * -log sigma(-beta h)) / (1 - 2 eps)."""
+    if not 0 <= eps < 0.5:
+        raise ValueError(f"robust DPO needs 0 <= eps < 0.5, got {eps}")
+    z = beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
+    logsig = torch.nn.functional.logsigmoid
+    return ((-(1 - eps) * logsig(z) + eps * logsig(-z)) / (1 - 2 * eps)).mean()
+
+
+def ipo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float = 0.1) -> Tensor:
+    """IPO [Azar23 eq. 17]: (h - 1 / (2 beta))^2 — regresses the margin to a finite target instead of pushing it
+    to infinity. (The IPO authors and TRL use per-token mean log-probs here; the loop passes those.)"""
+    return ((dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected) - 1 / (2 * beta)) ** 2).mean()
+
+
+def hinge_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+               beta: float = 0.1) -> Tensor:
+    """Hinge / SLiC [Zhao23], with the reference as in the DPO family: max(0, 1 - beta h)."""
+    return torch.relu(1 - beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)).mean()
+
+
+def simpo_loss(pi_chosen_mean: Tensor, pi_rejected_mean: Tensor, *, beta: float = 2.0, gamma: float = 1.0) -> Tensor:
+    """SimPO [Meng24 eq. 6], reference-free: -log sigma(beta * (mean log pi(y_w) - mean log pi(y_l)) - gamma),
+    with per-token *mean* log-probs (length-normalised) and a target margin gamma."""
+    return -torch.nn.functional.logsigmoid(beta * (pi_chosen_mean - pi_rejected_mean) - gamma).mean()
+
+
+def orpo_loss(pi_chosen_mean: Tensor, pi_rejected_mean: Tensor, nll_chosen: Tensor, *, lam: float = 0.1) -> Tensor:
+    """ORPO [Hong24 eq. 6-7], reference-free: NLL(y_w) + lam * -log sigma(log odds(y_w) - log odds(y_l)),
+    odds(y) = P / (1 - P) with P = exp(mean log pi(y)); nll_chosen is the SFT loss on the chosen tokens (B,)."""
+
+    def log_odds(mean_logp: Tensor) -> Tensor:
+        return mean_logp - torch.log1p(-mean_logp.clamp(max=-1e-6).exp())  # log P - log(1 - P)
+
+    ratio = -torch.nn.functional.logsigmoid(log_odds(pi_chosen_mean) - log_odds(pi_rejected_mean))
+    return (nll_chosen + lam * ratio).mean()
+
+
+def kto_kl_baseline(pi_mismatched: Tensor, ref_mismatched: Tensor) -> Tensor:
+    """KTO's reference point z0 [Ethayarajh24 sec. 4.1]: KL(pi || ref) estimated on completions paired with
+    prompts they do not answer, clamped at 0 and detached (no gradient flows through the baseline)."""
+    return (pi_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+
+
+def kto_loss(pi: Tensor, ref: Tensor, desirable: Tensor, kl: Tensor, *, beta: float = 0.1,
+             lambda_d: float = 1.0, lambda_u: float = 1.0) -> Tensor:
+    """KTO [Ethayarajh24 sec. 4] on unpaired examples, r = log pi(y|x) - log ref(y|x) (B,):
+    desirable:   lambda_d * (1 - sigma(beta (r - z0)))
+    undesirable: lambda_u * (1 - sigma(beta (z0 - r)))
+    z0 = `kl` from `kto_kl_baseline`. Mean over the batch."""
+    r = pi - ref
+    good = lambda_d * (1 - torch.sigmoid(beta * (r - kl)))
+    bad = lambda_u * (1 - torch.sigmoid(beta * (kl - r)))
+    return torch.where(desirable.bool(), good, bad).mean()
+
+
+# --- critic-free online RL -----------------------------------------------------------------------------
+
+
+def grpo_advantages(rewards: Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> Tensor:
+    """GRPO [Shao24 sec. 4.1.2]: rows come in groups of G samples of one prompt; A_i = (r_i - mean_g) / (std_g + eps)
+    (sample std), or r_i - mean_g with scale=False (Dr. GRPO drops the division). (B,) -> (B,)."""
+    g = rewards.view(-1, group_size)
+    adv = g - g.mean(-1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(-1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO [Ahmadian24]: A_i = r_i - mean_{j != i} r_j = G / (G - 1) * (r_i - mean_g). (B,) -> (B,)."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    g = rewards.view(-1, group_size)
+    baseline = (g.sum(-1, keepdim=True) - g) / (group_size - 1)
+    return (g - baseline).reshape(-1)
+
+
+def global_whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """REINFORCE++ [Hu25]: advantages normalised over the whole batch (not per prompt group)."""
+    return (x - x.mean()) / (x.std() + eps) if x.numel() > 1 else x - x.mean()
+
+
+def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+              clip: float = 0.2, beta: float = 0.04, aggregation: str = "token") -> tuple[Tensor, Tensor, Tensor]:
+    """GRPO objective [Shao24 eq. 3] as a loss: per token, the clipped surrogate with the sequence advantage A_i
+    broadcast over its tokens, plus beta * k3 KL to the reference [Schulman20]:
+        l_t = max(-A r_t, -A clip(r_t, 1-eps, 1+eps)) + beta * (ref/pi - log(ref/pi) - 1)
+    aggregation "sequence": mean over each sequence's tokens, then over sequences (the paper);
+    "token": one mean over all tokens of the batch (DAPO; long answers weigh by their length).
+    Returns (loss, clip fraction, mean k3 KL)."""
+    ratio = (logp - old_logp).exp()
+    adv = advantages[:, None]
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)
+    kl = kl_per_token(logp, ref_logp, "k3")
+    per_token = torch.maximum(unclipped, clipped) + beta * kl
+    if aggregation == "token":
+        loss = masked_mean(per_token, mask)
+    elif aggregation == "sequence":
+        loss = masked_mean(per_token, mask, dim=-1).mean()
+    else:
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+    return loss, masked_mean((clipped > unclipped).float(), mask).detach(), masked_mean(kl, mask).detach()
+
+
+def reinforce_loss(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+    """Sequence-level REINFORCE (RLOO [Ahmadian24]): -A_i * log pi(y_i | x), summed over the completion's tokens,
+    mean over sequences. `advantages` (B,) already hold the KL-penalised reward minus the baseline."""
+    return -(advantages * masked_sum(logp, mask, dim=-1)).mean()
