@@ -10,6 +10,7 @@ from collections.abc import Callable
 from hhh.config import (
     ConfigError,
     DetoxConfig,
+    DPOConfig,
     EvalConfig,
     LabelAutoConfig,
     LabelGenerateConfig,
@@ -67,6 +68,14 @@ def cmd_detox(args: argparse.Namespace) -> int:
         detox(resume=args.resume)
     else:
         detox(_settings(args, DetoxConfig))
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from hhh.config import DPOConfig
+    from hhh.detox import dpo
+
+    dpo(_settings(args, DPOConfig))
     return 0
 
 
@@ -212,6 +221,8 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     "eval": ("evaluate a model (+ adapter) on prompt sets: toxicity, reward, KL, perplexity", EvalConfig, cmd_eval),
     "detox": ("the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
               DetoxConfig, cmd_detox),
+    "dpo": ("offline preference tuning (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO, KTO), evaluated before/after",
+            DPOConfig, cmd_dpo),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),

@@ -164,19 +164,24 @@ class PPOConfig(GenerationSettings):
     out: str | None = Field(None, description="run folder (default runs/ppo-TIMESTAMP)")
 
 
-class DetoxConfig(PPOConfig):
+class JobEvalSettings(Settings):
+    """Evaluation before and after training, shared by the jobs on the detox task (detox, dpo, ...)."""
+
     eval_prompts: list[str] = Field(["redteam:eval", "benign:eval*2"],
                                     description="prompt sets evaluated before/after (SET*N: N samples per prompt)")
     eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
     eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
     eval_batch_size: int = Field(64, gt=0, description="completions sampled at once in evaluation")
-    out: str | None = Field(None, description="run folder (default runs/detox-TIMESTAMP)")
 
     def eval_config(self, adapter: str | None = None) -> EvalConfig:
         return EvalConfig(model=self.model, adapter=adapter, prompts=self.eval_prompts, samples_per_prompt=self.eval_samples,
                           max_prompts=self.eval_max_prompts, batch_size=self.eval_batch_size, reward=self.reward,
                           max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
                           device=self.device, dtype=self.dtype)
+
+
+class DetoxConfig(JobEvalSettings, PPOConfig):
+    out: str | None = Field(None, description="run folder (default runs/detox-TIMESTAMP)")
 
 
 class LabelGenerateConfig(GenerationSettings):
@@ -241,3 +246,39 @@ class RMConfig(RMDataSettings):
 class RMEvalConfig(RMDataSettings):
     model: str = Field(..., description="reward model run folder (from hhh rm train)")
     out: str | None = Field(None, description="run folder (default runs/rm-eval-TIMESTAMP)")
+
+
+class DPOConfig(JobEvalSettings, GenerationSettings):
+    # data
+    data: str | None = Field(None, description="pairs: JSONL, hf:NAME[:SPLIT] or a preference store (db:PATH); "
+                                               "none: sample pairs from the model and rank them by the reward")
+    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    labelers: list[str] = Field([], description="from a store: only the pairs of these labelers (comma-separated)")
+    max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs")
+    prompts: str = Field("redteam:train", description="prompts to build pairs on (when no data is given)")
+    pair_prompts: int | None = Field(96, gt=0, description="use the first N of them (None: all)")
+    pair_samples: int = Field(4, ge=2, description="samples per prompt; the pair is the best and the worst")
+    min_gap: float = Field(0.0, ge=0, description="drop prompts whose best and worst reward differ by <= this")
+    sample_batch_size: int = Field(64, gt=0, description="completions sampled at once when building pairs")
+    reward: str = Field("toxicity", description="reward spec that ranks the samples (and is reported in eval)")
+    max_completion_tokens: int = Field(64, gt=1, description="completion tokens trained on (longer are cut)")
+    # loss
+    loss: typing.Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
+        "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")
+    beta: float = Field(0.1, gt=0, description="beta: KL strength of the DPO family (SimPO: reward scale, ~2)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability that a label is flipped")
+    robust_eps: float = Field(0.1, ge=0, lt=0.5, description="robust DPO: known label-flip rate")
+    simpo_gamma: float = Field(1.0, ge=0, description="SimPO target margin")
+    orpo_lambda: float = Field(0.1, ge=0, description="ORPO weight of the odds-ratio term")
+    kto_lambda_d: float = Field(1.0, gt=0, description="KTO weight of desirable examples")
+    kto_lambda_u: float = Field(1.0, gt=0, description="KTO weight of undesirable examples")
+    # schedule and LoRA
+    epochs: int = Field(2, gt=0, description="passes over the pairs")
+    batch_size: int = Field(8, gt=0, description="pairs per optimizer step")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
+    out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")

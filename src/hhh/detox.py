@@ -1,17 +1,23 @@
-"""`hhh detox`: the whole RLHF loop on the bundled model, offline.
+"""The jobs on the detox task: `hhh detox` (PPO) and `hhh dpo` (offline preference tuning), offline.
 
-  1. evaluate the base model on the red-team and benign eval prompts
-  2. PPO with the toxicity reward on the red-team train prompts (LoRA; reference = adapter disabled)
-  3. evaluate the trained adapter on the same prompts with the same seeds
-  4. write report.html
+Both run hhh.pipeline.run_job: evaluate the base model on the red-team and benign eval prompts, train a LoRA
+adapter on the red-team train prompts, evaluate it on the same prompts with the same seeds, write report.html.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from hhh.config import DetoxConfig, DPOConfig, load_config
+from hhh.pipeline import Trained, run_job
+from hhh.runs import RunDir
 
-from hhh.config import DetoxConfig, load_config
-from hhh.runs import RunDir, seed_everything
+
+def _check_prompt_sets(specs) -> None:
+    """Fail on bad data before any model loads."""
+    from hhh.data import load_prompts
+    from hhh.evaluate import set_and_samples
+
+    for spec in specs:
+        load_prompts(set_and_samples(spec, 1)[0])
 
 
 def detox(config: DetoxConfig | None = None, *, resume: str | None = None, console=None) -> RunDir:
@@ -22,12 +28,6 @@ def detox(config: DetoxConfig | None = None, *, resume: str | None = None, conso
     """
     from rich.console import Console
 
-    from hhh.data import load_prompts
-    from hhh.evaluate import compare_table, evaluate, set_and_samples
-    from hhh.models import load_causal_lm, load_tokenizer
-    from hhh.report import write_report
-    from hhh.train.ppo import train_ppo
-
     console = console or Console()
     if resume:
         run = RunDir(resume)
@@ -37,44 +37,47 @@ def detox(config: DetoxConfig | None = None, *, resume: str | None = None, conso
         console.print(f"resuming {run.path}")
     else:
         config = config or DetoxConfig()
-        for spec in [config.prompts, *config.eval_prompts]:  # fail on bad data before any model loads
-            load_prompts(set_and_samples(spec, 1)[0])
+        _check_prompt_sets([config.prompts, *config.eval_prompts])
         run = RunDir.create("detox", config, config.out)
-    seed_everything(config.seed)
-    tokenizer = load_tokenizer(config.model)
-    base = load_causal_lm(config.model, device=config.device, dtype=config.dtype)
-
-    # 1. before: the base model (or the starting adapter)
-    if (run.path / "eval_before.json").is_file():
-        before = run.read_json("eval_before.json")
-    else:
-        console.print("[bold]1/4 evaluating the model before training")
-        start = base
-        if config.init_adapter:
-            from hhh.models import load_adapter
-
-            start = load_adapter(base, config.init_adapter)
-        before = evaluate(config.eval_config(), model=start, tokenizer=tokenizer, run=run, console=console, tag="before")
-        if config.init_adapter:
-            base = start.unload()  # back to the bare base; build_policy loads the adapter again
-    # 2. PPO
-    console.print("[bold]2/4 PPO")
     resuming_ppo = resume is not None and (run.path / "checkpoints" / "last" / "state.json").is_file()
-    result = train_ppo(config, run, base=base, tokenizer=tokenizer, resume=resuming_ppo, console=console)
-    if result.stopped == "interrupted":
-        console.print(f"[yellow]stopped at step {result.steps_done}; continue with: hhh detox --resume {run.path}")
-        return run
-    # 3. after
-    console.print("[bold]3/4 evaluating the trained adapter")
-    after = evaluate(config.eval_config(adapter=str(run.path / "adapter")), model=result.policy.lm,
-                     tokenizer=tokenizer, run=run, console=console)
-    run.write_json("summary.json", {"steps": result.steps_done, "best_step": result.best_step,
-                                    "stopped": result.stopped, "adapter": str(Path(run.path / "adapter"))})
-    # 4. report
-    console.print("[bold]4/4 report")
-    report = write_report(run)
-    console.print(compare_table(before, after, "before", "after"))
+    return run_job("PPO", config, _ppo, run=run, console=console, resume=resuming_ppo)
+
+
+def _ppo(config: DetoxConfig, run: RunDir, *, base, tokenizer, console, resume: bool) -> Trained:
+    from hhh.train.ppo import train_ppo
+
+    result = train_ppo(config, run, base=base, tokenizer=tokenizer, resume=resume, console=console)
     if result.best_step is not None:
         console.print(f"best held-out checkpoint: step {result.best_step} ({run.path / 'best'})")
-    console.print(f"report: {report}")
-    return run
+    return Trained(result.policy.lm, {"steps": result.steps_done, "best_step": result.best_step}, result.stopped)
+
+
+def dpo(config: DPOConfig | None = None, *, console=None) -> RunDir:
+    """Offline preference tuning (DPO or a relative) with evaluation before and after.
+
+    With no `data`, pairs are built on-policy: `pair_samples` samples per red-team train prompt from the base
+    model, the best and the worst by the reward.
+
+    >>> run = dpo(DPOConfig(loss="ipo", pair_prompts=16, eval_max_prompts=4))  # doctest: +SKIP
+    """
+    from rich.console import Console
+
+    from hhh.train.rm import load_pairs
+
+    console = console or Console()
+    config = config or DPOConfig()
+    _check_prompt_sets([config.prompts, *config.eval_prompts])
+    pairs = load_pairs(config, skip_ties=True) if config.data else None  # bad data fails before a model loads
+    run = RunDir.create("dpo", config, config.out)
+
+    def train(config: DPOConfig, run: RunDir, *, base, tokenizer, console, resume: bool) -> Trained:
+        from hhh.train.dpo import build_pairs, train_dpo
+
+        data = pairs if pairs is not None else build_pairs(config, base, tokenizer, console)
+        if not len(data):
+            raise ValueError("no preference pairs to train on (lower --min-gap, or give --data)")
+        run.write_json("pairs.json", {"pairs": len(data), "source": config.data or f"sampled from {config.model}"})
+        policy = train_dpo(config, run, data, base=base, tokenizer=tokenizer, console=console)
+        return Trained(policy.lm, {"pairs": len(data), "loss": config.loss})
+
+    return run_job(f"DPO ({config.loss})", config, train, run=run, console=console)

@@ -17,7 +17,11 @@ def _plot_curves(metrics: list[dict], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     panels = [("reward/score", "reward (raw score)"), ("kl/k1", "KL to reference (nats/completion)"),
-              ("policy/entropy", "entropy (nats/token)"), ("length/mean", "completion length (tokens)")]
+              ("policy/entropy", "entropy (nats/token)"), ("length/mean", "completion length (tokens)"),
+              ("loss/dpo", "preference loss"), ("rewards/margin", "implicit reward margin"),
+              ("rewards/accuracy", "implicit reward accuracy"), ("logps/chosen", "log-prob of chosen (sum)"),
+              ("logps/rejected", "log-prob of rejected (sum)")]
+    panels = [(key, title) for key, title in panels if any(key in m for m in metrics)]
     names = []
     steps = [m["step"] for m in metrics]
     for key, title in panels:
@@ -29,7 +33,7 @@ def _plot_curves(metrics: list[dict], out: Path) -> list[str]:
                 ax.plot(*zip(*val, strict=True), marker="s", ls="--", label="held-out")
                 ax.legend()
         ax.set_title(title)
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         fig.tight_layout()
         name = f"plot_{key.replace('/', '_')}.png"

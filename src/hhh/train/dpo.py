@@ -1,0 +1,220 @@
+"""Offline preference tuning: DPO (Rafailov et al. 2023) and its family, on a LoRA adapter.
+
+    # 1. pairs: a JSONL / hf: / preference-store set, or sampled from the base model and ranked by the reward
+    # 2. tokens: chat-formatted prompt (as in rollout) + each completion + EOS; fixed minibatches of pairs
+    # 3. reference log-probs: the same base with the adapter disabled, once per minibatch, cached
+    #    (the frozen lower layers' output is cached too: later passes run only the adapted top layers)
+    # 4. epochs over the minibatches (shuffled order): policy log-probs of chosen and rejected, the loss
+    # 5. log: loss, implicit rewards beta*(log pi - log ref) of both, margin, accuracy, and both log-probs
+    #    (both usually fall; the margin is what DPO raises)
+
+Losses (hhh.losses): sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge, simpo, orpo, kto.
+IPO, SimPO and ORPO use per-token mean log-probs; the others sums. KTO takes each pair as one desirable and
+one undesirable example, with its reference point from completions paired with the next pair's prompt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hhh import losses as L
+from hhh.config import DPOConfig
+from hhh.rollout import chat_prompt_ids, left_pad
+from hhh.runs import RunDir
+from hhh.train.loop import GracefulStop, linear_decay, step_generator
+from hhh.train.rm import Pairs
+
+MEAN_LOGP = ("ipo", "simpo", "orpo")  # losses on per-token mean log-probs
+NO_REFERENCE = ("simpo", "orpo")
+
+
+@dataclass(frozen=True)
+class Minibatch:
+    query_ids: Tensor      # (2b, Q) left-padded prompts: rows [0, b) for chosen, [b, 2b) for rejected
+    query_mask: Tensor     # (2b, Q)
+    response_ids: Tensor   # (2b, R) completion + EOS, right-padded
+    response_mask: Tensor  # (2b, R) 1 on completion tokens and EOS
+    mismatched: Minibatch | None = None  # KTO: prompt i with completion of pair i+1 (its reference point)
+
+    @property
+    def pairs(self) -> int:
+        return self.query_ids.shape[0] // 2
+
+
+def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
+    """On-policy pairs for a task: K samples per prompt from `model`, best vs worst by the reward
+    (prompts whose best and worst differ by less than `min_gap` are dropped)."""
+    from hhh.data import load_prompts
+    from hhh.rewards import build_reward
+    from hhh.rollout import sample
+
+    prompts = load_prompts(config.prompts, limit=config.pair_prompts)
+    reward = build_reward(config.reward, device=config.device)
+    rows = [p for p in prompts for _ in range(config.pair_samples)]
+    texts: list[str] = []
+    for i in range(0, len(rows), config.sample_batch_size):
+        gen = step_generator(config.seed, i, next(model.parameters()).device)
+        texts += sample(model, tokenizer, rows[i:i + config.sample_batch_size], max_new_tokens=config.max_new_tokens,
+                        temperature=config.temperature, generator=gen).texts
+    scores = reward.score(rows, texts).view(len(prompts), config.pair_samples)
+    out = Pairs([], [], [], [], [])
+    for i, prompt in enumerate(prompts):
+        best, worst = int(scores[i].argmax()), int(scores[i].argmin())
+        if scores[i, best] - scores[i, worst] <= config.min_gap:
+            continue
+        out.prompts.append(prompt)
+        out.chosen.append(texts[i * config.pair_samples + best])
+        out.rejected.append(texts[i * config.pair_samples + worst])
+        out.tie.append(False)
+        out.margin.append(None)
+    console.print(f"built {len(out)} pairs from {len(prompts)} prompts x {config.pair_samples} samples "
+                  f"(reward {config.reward}, mean gap {float((scores.max(1).values - scores.min(1).values).mean()):.3f})")
+    return out
+
+
+def _tensors(tokenizer, prompts: list[str], completions: list[str], max_tokens: int, device) -> tuple[Tensor, ...]:
+    q_ids, q_mask = left_pad(chat_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id, device)
+    tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
+             for c in completions]
+    width = max(len(t) for t in tails)
+    r_ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long)
+    r_mask = torch.zeros((len(tails), width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        r_ids[i, : len(t)] = torch.tensor(t)
+        r_mask[i, : len(t)] = 1
+    return q_ids, q_mask, r_ids.to(device), r_mask.to(device)
+
+
+def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Minibatch]:
+    """A fixed partition of the pairs into minibatches (shuffled once by the seed)."""
+    order = np.random.default_rng(config.seed).permutation(len(pairs)).tolist()
+    out = []
+    for i in range(0, len(order), config.batch_size):
+        b = pairs.take(order[i:i + config.batch_size])
+        tensors = _tensors(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
+        mismatched = None
+        if config.loss == "kto":  # y_{i+1} answering x_i: an estimate of KL(pi || ref) with no signal about x_i
+            shifted = b.chosen[1:] + b.chosen[:1]
+            mismatched = Minibatch(*_tensors(tokenizer, b.prompts, shifted, config.max_completion_tokens, device))
+        out.append(Minibatch(*tensors, mismatched=mismatched))
+    return out
+
+
+def sequence_logps(policy, mb: Minibatch, temperature: float, *, reference: bool = False,
+                   trunk: Tensor | None = None, keep_trunk: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(sum, mean) of log pi over each row's completion tokens, (2b,) each, and the trunk if kept."""
+    args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
+    if reference:
+        with torch.no_grad(), policy.reference():
+            f = policy.forward_response(*args, temperature=temperature, values=False, trunk=trunk, keep_trunk=keep_trunk)
+    else:
+        f = policy.forward_response(*args, temperature=temperature, values=False, trunk=trunk, keep_trunk=keep_trunk)
+    mask = mb.response_mask.float()
+    total = (f.logprobs * mask).sum(-1)
+    return total, total / mask.sum(-1).clamp(min=1), f.trunk
+
+
+def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor] | None,
+                    kl: Tensor | None = None) -> Tensor:
+    """The configured loss from (sum, mean) log-probs of the 2b rows (chosen first) of policy and reference."""
+    which = 1 if config.loss in MEAN_LOGP else 0
+    b = pi[0].shape[0] // 2
+    pc, pr = pi[which][:b], pi[which][b:]
+    if config.loss == "simpo":
+        return L.simpo_loss(pc, pr, beta=config.beta, gamma=config.simpo_gamma)
+    if config.loss == "orpo":
+        return L.orpo_loss(pc, pr, -pc, lam=config.orpo_lambda)
+    rc, rr = ref[which][:b], ref[which][b:]
+    if config.loss == "sigmoid":
+        return L.dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
+    if config.loss == "robust":
+        return L.robust_dpo_loss(pc, pr, rc, rr, beta=config.beta, eps=config.robust_eps)
+    if config.loss == "ipo":
+        return L.ipo_loss(pc, pr, rc, rr, beta=config.beta)
+    if config.loss == "hinge":
+        return L.hinge_loss(pc, pr, rc, rr, beta=config.beta)
+    if config.loss == "kto":
+        desirable = torch.arange(2 * b, device=pi[0].device) < b
+        return L.kto_loss(pi[0], ref[0], desirable, kl, beta=config.beta, lambda_d=config.kto_lambda_d,
+                          lambda_u=config.kto_lambda_u)
+    raise ValueError(f"unknown loss {config.loss!r}")
+
+
+def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, console) -> object:
+    """Train a LoRA adapter on preference pairs; saves RUN/adapter and logs one line per optimizer step."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    console = console or Console(stderr=True)
+    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                        top_layers=config.lora_layers)
+    policy = build_policy(base, lora)
+    device = next(policy.parameters()).device
+    # 2. tokens, fixed minibatches
+    batches = minibatches(pairs, tokenizer, config, device)
+    # 3. reference log-probs and frozen trunks, once
+    t0 = time.time()
+    refs, trunks, kto_refs = [], [], []
+    for mb in batches:
+        s, m, trunk = sequence_logps(policy, mb, config.temperature, reference=True, keep_trunk=True)
+        refs.append((s, m))
+        trunks.append(trunk)
+        if mb.mismatched is not None:
+            kto_refs.append(sequence_logps(policy, mb.mismatched, config.temperature, reference=True)[0])
+    console.print(f"reference log-probs of {2 * len(pairs)} completions in {time.time() - t0:.0f} s")
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, weight_decay=0.0)
+    scheduler = linear_decay(optimizer, config.epochs * len(batches))
+    step = 0
+    columns = (TextColumn(f"DPO ({config.loss})"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with GracefulStop(console) as stop, Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("", total=config.epochs * len(batches))
+        for epoch in range(config.epochs):
+            for j in np.random.default_rng([config.seed, epoch]).permutation(len(batches)).tolist():
+                t_step = time.time()
+                mb = batches[j]
+                # 4. policy log-probs of chosen and rejected, the loss
+                s, m, _ = sequence_logps(policy, mb, config.temperature, trunk=trunks[j])
+                kl = None
+                if mb.mismatched is not None:
+                    with torch.no_grad():
+                        kl = L.kto_kl_baseline(sequence_logps(policy, mb.mismatched, config.temperature)[0], kto_refs[j])
+                loss = preference_loss(config, (s, m), None if config.loss in NO_REFERENCE else refs[j], kl)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                # 5. log
+                b = mb.pairs
+                chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()
+                rejected = config.beta * (s[b:] - refs[j][0][b:]).detach()
+                metrics = {"step": step, "epoch": epoch, "loss/dpo": loss.item(),
+                           "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
+                           "rewards/margin": float((chosen - rejected).mean()),
+                           "rewards/accuracy": float((chosen > rejected).float().mean()),
+                           "logps/chosen": float(s[:b].detach().mean()), "logps/rejected": float(s[b:].detach().mean()),
+                           "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                           "time/step_s": time.time() - t_step}
+                if kl is not None:
+                    metrics["kto/kl"] = float(kl)
+                run.log(metrics)
+                bar.update(task, completed=step, description=f"loss {metrics['loss/dpo']:.3f}  margin "
+                           f"{metrics['rewards/margin']:.3f}  acc {metrics['rewards/accuracy']:.2f}")
+                if stop.requested:
+                    break
+            if stop.requested:
+                console.print("stopped early (Ctrl-C): saving the adapter as it is")
+                break
+    policy.lm.eval()
+    policy.save(run.path / "adapter")
+    return policy
