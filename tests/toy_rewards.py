@@ -16,3 +16,8 @@ def hello_then_ctrl_c(prompts, completions):
     if CALLS["n"] == CALLS["interrupt_at"]:
         signal.raise_signal(signal.SIGINT)
     return hello(prompts, completions)
+
+
+def constant(prompts, completions):
+    """The same score for everything."""
+    return [0.5 for _ in completions]

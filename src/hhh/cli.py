@@ -12,9 +12,11 @@ from hhh.config import (
     DetoxConfig,
     DPOConfig,
     EvalConfig,
+    GRPOConfig,
     LabelAutoConfig,
     LabelGenerateConfig,
     LabelServeConfig,
+    RLOOConfig,
     RMConfig,
     RMEvalConfig,
     Settings,
@@ -76,6 +78,15 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     from hhh.detox import dpo
 
     dpo(_settings(args, DPOConfig))
+    return 0
+
+
+def cmd_online(args: argparse.Namespace) -> int:
+    from hhh.config import GRPOConfig, RLOOConfig
+    from hhh.detox import online
+
+    cls = GRPOConfig if args.command_name == "grpo" else RLOOConfig
+    online(cls() if args.resume else _settings(args, cls), resume=args.resume)
     return 0
 
 
@@ -223,6 +234,10 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
               DetoxConfig, cmd_detox),
     "dpo": ("offline preference tuning (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO, KTO), evaluated before/after",
             DPOConfig, cmd_dpo),
+    "grpo": ("GRPO: G samples per prompt, group-normalised advantages, clipped ratio, k3 KL in the loss",
+             GRPOConfig, cmd_online),
+    "rloo": ("RLOO: leave-one-out baseline, KL in the reward, sequence-level REINFORCE (or REINFORCE++)",
+             RLOOConfig, cmd_online),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -255,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name == "detox":
+        if name in ("detox", "grpo", "rloo"):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")

@@ -282,3 +282,48 @@ class DPOConfig(JobEvalSettings, GenerationSettings):
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
+
+
+class OnlineRLSettings(JobEvalSettings, GenerationSettings):
+    """Critic-free online RL (GRPO, RLOO): G samples per prompt, the same rewards, guards and run folder as PPO."""
+
+    prompts: str = Field("redteam:train", description="training prompt set")
+    reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
+    second_scorer: str = Field("sentiment", description="independent reward spec watched for divergence")
+    steps: int = Field(10, gt=0, description="steps (rollout + update)")
+    prompts_per_step: int = Field(8, gt=0, description="prompts per step")
+    group_size: int = Field(4, ge=2, description="G: samples per prompt (the group)")
+    minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
+    micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
+    kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
+    kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise the KL "
+                                                                                               "coefficient x1.5")
+    entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
+    length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
+    val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
+    val_every: int = Field(5, gt=0, description="steps between held-out checks")
+    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
+
+
+class GRPOConfig(OnlineRLSettings):
+    beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator, in the loss); 0 turns it off")
+    cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
+    epochs: int = Field(1, gt=0, description="passes over each batch (mu)")
+    scale_rewards: bool = Field(True, description="divide group-centred rewards by the group std")
+    aggregation: typing.Literal["sequence", "token"] = Field(
+        "sequence", description="loss mean per sequence then over sequences, or over all tokens")
+    out: str | None = Field(None, description="run folder (default runs/grpo-TIMESTAMP)")
+
+
+class RLOOConfig(OnlineRLSettings):
+    kl_coef: float = Field(0.05, ge=0, description="beta: KL(pi || ref) in nats subtracted from the reward")
+    advantage: typing.Literal["rloo", "reinforce++"] = Field(
+        "rloo", description="leave-one-out baseline per group, or REINFORCE++ (batch-normalised, no baseline)")
+    normalize_advantages: bool = Field(True, description="whiten the RLOO advantages over the batch")
+    out: str | None = Field(None, description="run folder (default runs/rloo-TIMESTAMP)")

@@ -1,4 +1,5 @@
-"""The jobs on the detox task: `hhh detox` (PPO) and `hhh dpo` (offline preference tuning), offline.
+"""The jobs on the detox task: `hhh detox` (PPO), `hhh dpo` (offline preference tuning), `hhh grpo` and
+`hhh rloo` (critic-free online RL), offline.
 
 Both run hhh.pipeline.run_job: evaluate the base model on the red-team and benign eval prompts, train a LoRA
 adapter on the red-team train prompts, evaluate it on the same prompts with the same seeds, write report.html.
@@ -6,7 +7,7 @@ adapter on the red-team train prompts, evaluate it on the same prompts with the 
 
 from __future__ import annotations
 
-from hhh.config import DetoxConfig, DPOConfig, load_config
+from hhh.config import DetoxConfig, DPOConfig, GRPOConfig, RLOOConfig, load_config
 from hhh.pipeline import Trained, run_job
 from hhh.runs import RunDir
 
@@ -81,3 +82,33 @@ def dpo(config: DPOConfig | None = None, *, console=None) -> RunDir:
         return Trained(policy.lm, {"pairs": len(data), "loss": config.loss})
 
     return run_job(f"DPO ({config.loss})", config, train, run=run, console=console)
+
+
+def online(config: GRPOConfig | RLOOConfig, *, resume: str | None = None, console=None) -> RunDir:
+    """GRPO or RLOO (by the config's type) on the detox task, evaluated before and after; resumable.
+
+    >>> run = online(GRPOConfig(steps=2, eval_max_prompts=4))  # doctest: +SKIP
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    kind = "grpo" if isinstance(config, GRPOConfig) else "rloo"
+    if resume:
+        run = RunDir(resume)
+        if not (run.path / "config.toml").is_file():
+            raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
+        config = load_config(type(config), run.path / "config.toml")
+        console.print(f"resuming {run.path}")
+    else:
+        _check_prompt_sets([config.prompts, *config.eval_prompts])
+        run = RunDir.create(kind, config, config.out)
+    resuming = resume is not None and (run.path / "checkpoints" / "last" / "state.json").is_file()
+
+    def train(config, run: RunDir, *, base, tokenizer, console, resume: bool) -> Trained:
+        from hhh.train.grpo import train_online
+
+        policy, steps, best, stopped = train_online(config, run, base=base, tokenizer=tokenizer, resume=resume,
+                                                    console=console)
+        return Trained(policy.lm, {"steps": steps, "best_step": best}, stopped)
+
+    return run_job(kind.upper(), config, train, run=run, console=console, resume=resuming, command=kind)

@@ -23,7 +23,8 @@ class Trained:
     stopped: str | None = None  # "interrupted" skips evaluation and report
 
 
-def run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, console, resume: bool = False) -> RunDir:
+def run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, console, resume: bool = False,
+            command: str = "detox") -> RunDir:
     """Evaluate, `train(config, run, base=, tokenizer=, console=, resume=)`, evaluate again, report."""
     from hhh.evaluate import compare_table, evaluate
     from hhh.models import load_causal_lm, load_tokenizer
@@ -51,7 +52,7 @@ def run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, co
     console.print(f"[bold]2/4 {name}")
     result = train(config, run, base=base, tokenizer=tokenizer, console=console, resume=resume)
     if result.stopped == "interrupted":
-        console.print(f"[yellow]stopped early; continue with: hhh detox --resume {run.path}")
+        console.print(f"[yellow]stopped early; continue with: hhh {command} --resume {run.path}")
         return run
     # 3. after
     console.print("[bold]3/4 evaluating the trained adapter")

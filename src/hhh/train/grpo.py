@@ -1,0 +1,168 @@
+"""Critic-free online RL: GRPO (Shao et al. 2024) and RLOO (Ahmadian et al. 2024; REINFORCE++ as an option).
+
+Each step:
+  1. rollout: G samples for each of the step's prompts from the policy
+  2. score: reward function on (prompt, completion)
+  3. old log-probs and entropy (policy), reference log-probs (same base, adapter disabled)
+  4. advantages, one per completion:
+       GRPO   (r - mean_group) / std_group, KL kept out of the reward (it is in the loss)
+       RLOO   r - beta * KL  minus the mean of the other G-1 samples of the prompt
+       REINFORCE++  r - beta * KL, normalised over the whole batch
+  5. update: GRPO clipped surrogate + beta * k3 KL, `epochs` passes; RLOO sequence-level REINFORCE, one pass
+  6. guards, log, held-out check and best checkpoint, checkpoint (resume as PPO)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from hhh import losses as L
+from hhh.config import GRPOConfig, OnlineRLSettings, RLOOConfig
+from hhh.evaluate import distinct_n, repetition_rate
+from hhh.rollout import Rollout, sample
+from hhh.runs import RunDir
+from hhh.train.guards import Guards
+from hhh.train.loop import MINIBATCHES, Checkpoints, GracefulStop, linear_decay, step_generator, step_prompts
+from hhh.train.ppo import _chunks, _old_forward, held_out
+
+
+def advantages(config: OnlineRLSettings, score: torch.Tensor, kl_seq: torch.Tensor) -> torch.Tensor:
+    """4. one advantage per completion (B,), rows in groups of G."""
+    if isinstance(config, GRPOConfig):
+        return L.grpo_advantages(score, config.group_size, scale=config.scale_rewards)
+    total = score - config.kl_coef * kl_seq
+    if config.advantage == "reinforce++":
+        return L.global_whiten(total)
+    adv = L.rloo_advantages(total, config.group_size)
+    return L.global_whiten(adv) if config.normalize_advantages else adv
+
+
+def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, adv, config: OnlineRLSettings,
+           generator: torch.Generator) -> dict[str, float]:
+    """5. GRPO: clipped surrogate + beta*k3 over `epochs` passes; RLOO: REINFORCE, one pass. Micro-batches
+    accumulate gradients weighted by their share of the minibatch."""
+    mask = r.response_mask.float()
+    params = policy.trainable_parameters()
+    grpo = isinstance(config, GRPOConfig)
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(config.epochs if grpo else 1):
+        order = torch.randperm(len(r.prompts), generator=generator)
+        for mb in _chunks(len(order), config.minibatch_size):
+            idx = order[mb]
+            optimizer.zero_grad(set_to_none=True)
+            stats = {"loss/policy": 0.0, "policy/clipfrac": 0.0}
+            for micro in _chunks(len(idx), config.micro_batch_size):
+                i = idx[micro]
+                new = policy.forward_response(r.query_ids[i], r.query_mask[i], r.response_ids[i], r.response_mask[i],
+                                              temperature=config.temperature, values=False,
+                                              trunk=None if trunk is None else trunk[i])
+                share = len(i) / len(idx)
+                if grpo:
+                    loss, clipfrac, _ = L.grpo_loss(new.logprobs, old_logp[i], ref_logp[i], adv[i], mask[i],
+                                                    clip=config.cliprange, beta=config.beta,
+                                                    aggregation=config.aggregation)
+                    if config.aggregation == "token":  # the minibatch's token mean, not a mean of micro means
+                        share = float(mask[i].sum() / mask[idx].sum())
+                else:
+                    loss, clipfrac = L.reinforce_loss(new.logprobs, adv[i], mask[i]), torch.zeros(())
+                (loss * share).backward()
+                stats["loss/policy"] += float(loss.detach()) * share
+                stats["policy/clipfrac"] += float(clipfrac) * share
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+            optimizer.step()
+            scheduler.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+    return {k: v / n_updates for k, v in sums.items()}
+
+
+def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenizer, resume: bool = False, console=None):
+    """Train a LoRA policy with GRPO or RLOO; returns (policy, steps done, best step, stopped)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hhh.data import load_prompts
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.rewards import build_reward
+
+    name = "GRPO" if isinstance(config, GRPOConfig) else config.advantage.upper()
+    prompts = load_prompts(config.prompts)
+    if config.val_prompts >= len(prompts):
+        raise ValueError(f"val_prompts={config.val_prompts} leaves no training prompts (set has {len(prompts)})")
+    val, train = prompts[len(prompts) - config.val_prompts:], prompts[: len(prompts) - config.val_prompts]
+    reward = build_reward(config.reward, device=config.device)
+    second = build_reward(config.second_scorer, device=config.device)
+    policy = build_policy(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                             top_layers=config.lora_layers))
+    device = next(policy.parameters()).device
+    batch_size = config.prompts_per_step * config.group_size
+    updates = (config.epochs if isinstance(config, GRPOConfig) else 1) * math.ceil(batch_size / config.minibatch_size)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=0.0)
+    scheduler = linear_decay(optimizer, config.steps * updates)
+    guards = Guards(config.kl_budget, config.kl_budget_action, config.entropy_floor, config.length_drift)
+    ckpt = Checkpoints(run.path)
+    coef = "beta" if isinstance(config, GRPOConfig) else "kl_coef"
+    state: dict = {"step": 0, "best_step": None, "best_val": None, "kl_coef": getattr(config, coef)}
+    if resume:
+        state = ckpt.load(policy, optimizer, scheduler)
+        guards.load_state_dict(state.pop("guards"))
+    config = config.model_copy(update={coef: state["kl_coef"]})  # raised by the KL budget guard
+    step, stopped = state["step"], None
+    columns = (TextColumn(name), BarColumn(), TextColumn("{task.completed}/{task.total} {task.description}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with GracefulStop(console) as stop, Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("", total=config.steps, completed=step)
+        while step < config.steps:
+            t0 = time.time()
+            # 1. rollout: G samples per prompt, rows grouped by prompt
+            batch = [p for p in step_prompts(train, config.prompts_per_step, step, config.seed)
+                     for _ in range(config.group_size)]
+            policy.lm.eval()
+            r = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
+                       temperature=config.temperature, generator=step_generator(config.seed, step, device))
+            # 2. score
+            score = reward.score(batch, r.texts).float().to(device)
+            # 3. old and reference log-probs
+            old, ref_logp = _old_forward(policy, r, config)
+            mask = r.response_mask.float()
+            kl_seq = (L.kl_per_token(old.logprobs, ref_logp, "k1") * mask).sum(-1)
+            # 4. advantages
+            adv = advantages(config, score, kl_seq)
+            # 5. update
+            stats = update(policy, optimizer, scheduler, r, old.logprobs, ref_logp, old.trunk, adv, config,
+                           step_generator(config.seed, step, "cpu", MINIBATCHES))
+            # 6. bookkeeping
+            m = {"step": step + 1, "reward/score": float(score.mean()), "reward/std": float(score.std()),
+                 "advantage/abs_mean": float(adv.abs().mean()), "kl/k1": float(kl_seq.mean()),
+                 "kl/k3": float((L.kl_per_token(old.logprobs, ref_logp, "k3") * mask).sum(-1).mean()),
+                 f"kl/{coef}": getattr(config, coef), "policy/entropy": float(L.masked_mean(old.entropy, mask)),
+                 **stats, "lr": scheduler.get_last_lr()[0], "length/mean": float(r.lengths.float().mean()),
+                 "eos_rate": float(r.ended.float().mean()), "samples/distinct_2": distinct_n(r.texts, 2),
+                 "samples/repetition_3": repetition_rate(r.texts, 3),
+                 "second/score": float(second.score(batch, r.texts).mean())}
+            alarms, action = guards.check(step + 1, m)
+            if action == "raise_beta":
+                config = config.model_copy(update={coef: getattr(config, coef) * 1.5})
+            if val and ((step + 1) % config.val_every == 0 or step + 1 == config.steps):
+                m.update(held_out(policy, tokenizer, val, reward, second, config))
+                if state["best_val"] is None or m["val/reward"] > state["best_val"]:
+                    state["best_val"], state["best_step"] = m["val/reward"], step + 1
+                    policy.save(run.path / "best")
+            m.update(alarms=alarms, **{"time/step_s": time.time() - t0})
+            run.log(m)
+            step += 1
+            bar.update(task, completed=step, description=f"reward {m['reward/score']:.3f}  KL {m['kl/k1']:.2f}  "
+                       f"{m['time/step_s']:.0f}s/step" + (f"  [red]{','.join(alarms)}" if alarms else ""))
+            stopped = "kl_budget" if action == "stop" else ("interrupted" if stop.requested else None)
+            if stopped or step % config.checkpoint_every == 0 or step == config.steps:
+                ckpt.save(policy, optimizer, scheduler, {**state, "step": step, "kl_coef": getattr(config, coef),
+                                                         "guards": guards.state_dict()})
+            if stopped:
+                break
+    policy.save(run.path / "adapter")
+    return policy, step, state["best_step"], stopped
