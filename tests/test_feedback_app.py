@@ -139,3 +139,13 @@ def test_admin_sees_agreement_and_exports(setup):
     rankings = client.get("/api/admin/export?format=rankings", headers=admin).text.splitlines()
     assert [json.loads(x)["ranking"] for x in rankings] == [[[0], [1], [2]], [[0], [2], [1]]]
     assert client.get("/api/admin/export?format=xml", headers=admin).status_code == 400
+
+
+def test_a_malformed_form_is_a_clear_400(setup):
+    _, client, tokens, _ = setup
+    client.post("/login", data={"token": tokens["ann"]})
+    for data, message in (({"prompt_id": "x"}, "field 'prompt_id' must be an integer"),
+                          ({}, "field 'prompt_id' is required"),
+                          ({"prompt_id": "1", "edit": "abc"}, "field 'edit' must be an integer")):
+        r = client.post("/label", data=data)
+        assert r.status_code == 400 and r.json()["error"] == message

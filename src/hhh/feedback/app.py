@@ -141,11 +141,17 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
     @app.post("/label", response_class=HTMLResponse)
     async def submit_form(request: Request, who: Annotated[Labeler, Depends(labeler)]) -> Response:
         form = await request.form()
-        try:
-            prompt_id = int(str(form.get("prompt_id", "")))
-        except ValueError:
-            raise StoreError("field 'prompt_id' must be an integer") from None
-        edit = int(str(form["edit"])) if form.get("edit") else None
+        def integer(name: str) -> int | None:
+            value = str(form.get(name, "") or "").strip()
+            if not value:
+                return None
+            if not value.isdigit():
+                raise StoreError(f"field {name!r} must be an integer")
+            return int(value)
+
+        prompt_id, edit = integer("prompt_id"), integer("edit")
+        if prompt_id is None:
+            raise StoreError("field 'prompt_id' is required")
         item = store.item(prompt_id)
         ranks: dict[int, int] = {}
         for c in item["completions"]:

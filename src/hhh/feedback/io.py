@@ -23,9 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from hhh.data import DataError, read_jsonl
 from hhh.feedback.rankings import RankingError, check_tiers, tiers_to_pairs
-from hhh.feedback.store import Labeler, Ranking, Store, StoreError, select
+from hhh.feedback.store import Labeler, Ranking, Store, StoreError
 
 ASSISTANT = "\n\nAssistant:"
 
