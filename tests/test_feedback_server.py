@@ -88,7 +88,7 @@ def test_twenty_concurrent_labelers_lose_and_duplicate_nothing(tmp_path):
 def test_a_killed_server_loses_nothing_it_confirmed(tmp_path):
     store, tokens = make_store(tmp_path / "fb.db", prompts=200, labelers=6)
     server = Server(tmp_path / "fb.db").start()
-    confirmed: dict[int, list] = {}
+    confirmed: dict[int, tuple[int, list]] = {}  # ranking id -> (labeler number, tiers)
     stop = threading.Event()
     lock = threading.Lock()
 
@@ -106,7 +106,7 @@ def test_a_killed_server_loses_nothing_it_confirmed(tmp_path):
                     return  # the server is gone; this one was never confirmed
                 if r.status_code == 201:
                     with lock:
-                        confirmed[r.json()["ranking_id"]] = body["ranking"]
+                        confirmed[r.json()["ranking_id"]] = (n, body["ranking"])
                 i += 1
 
     threads = [threading.Thread(target=labeler, args=(n,)) for n in range(6)]
@@ -123,13 +123,14 @@ def test_a_killed_server_loses_nothing_it_confirmed(tmp_path):
     with sqlite3.connect(tmp_path / "fb.db") as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     restarted = Server(tmp_path / "fb.db").start()
-    try:
-        mine = httpx.get(restarted.url + "/api/rankings", headers={"Authorization": f"Bearer {tokens[0]}"}).json()
-        assert mine, "labeler 0 sees their rankings after the restart"
+    try:  # each labeler sees every ranking the server confirmed to them
+        for n in {n for n, _ in confirmed.values()}:
+            mine = httpx.get(restarted.url + "/api/rankings", headers={"Authorization": f"Bearer {tokens[n]}"}).json()
+            assert {r["ranking_id"] for r in mine} >= {rid for rid, (m, _) in confirmed.items() if m == n}
     finally:
         restarted.stop()
     stored = {r["ranking_id"]: r["tiers"] for r in Store(tmp_path / "fb.db").rankings()}
-    for rid, tiers in confirmed.items():
+    for rid, (_, tiers) in confirmed.items():
         assert stored.get(rid) == tiers, f"confirmed ranking {rid} lost or changed"
     # a ranking is written with its pairs in one transaction: none is half there
     assert Store(tmp_path / "fb.db").counts()["pairs"] == 3 * len(stored)
