@@ -30,18 +30,23 @@ def detox(config: DetoxConfig | None = None, *, resume: str | None = None, conso
     from rich.console import Console
 
     console = console or Console()
+    config, run, resuming = _open_run("detox", config or DetoxConfig(), resume, console)
+    return run_job("PPO", config, _ppo, run=run, console=console, resume=resuming)
+
+
+def _open_run(command: str, config, resume: str | None, console):
+    """(config, run folder, whether a checkpoint is there to resume): a new run folder for `config`, or the
+    config saved in the `resume` folder."""
     if resume:
         run = RunDir(resume)
         if not (run.path / "config.toml").is_file():
             raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
-        config = load_config(DetoxConfig, run.path / "config.toml")
+        config = load_config(type(config), run.path / "config.toml")
         console.print(f"resuming {run.path}")
     else:
-        config = config or DetoxConfig()
         _check_prompt_sets([config.prompts, *config.eval_prompts])
-        run = RunDir.create("detox", config, config.out)
-    resuming_ppo = resume is not None and (run.path / "checkpoints" / "last" / "state.json").is_file()
-    return run_job("PPO", config, _ppo, run=run, console=console, resume=resuming_ppo)
+        run = RunDir.create(command, config, config.out)
+    return config, run, resume is not None and (run.path / "checkpoints" / "last" / "state.json").is_file()
 
 
 def _ppo(config: DetoxConfig, run: RunDir, *, base, tokenizer, console, resume: bool) -> Trained:
@@ -93,16 +98,7 @@ def online(config: GRPOConfig | RLOOConfig, *, resume: str | None = None, consol
 
     console = console or Console()
     kind = "grpo" if isinstance(config, GRPOConfig) else "rloo"
-    if resume:
-        run = RunDir(resume)
-        if not (run.path / "config.toml").is_file():
-            raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
-        config = load_config(type(config), run.path / "config.toml")
-        console.print(f"resuming {run.path}")
-    else:
-        _check_prompt_sets([config.prompts, *config.eval_prompts])
-        run = RunDir.create(kind, config, config.out)
-    resuming = resume is not None and (run.path / "checkpoints" / "last" / "state.json").is_file()
+    config, run, resuming = _open_run(kind, config, resume, console)
 
     def train(config, run: RunDir, *, base, tokenizer, console, resume: bool) -> Trained:
         from hhh.train.grpo import train_online
