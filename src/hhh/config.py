@@ -111,7 +111,21 @@ def is_bool(annotation: Any) -> bool:
     return False
 
 
-class PPOConfig(GenerationSettings):
+class PolicyLoraSettings(Settings):
+    """The LoRA adapter a policy trains (PPO, DPO, GRPO, RLOO)."""
+
+    lora_r: int = Field(16, gt=0, description="LoRA rank")
+    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
+
+    def lora(self):
+        from hhh.models.load import LoraSettings
+
+        return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, top_layers=self.lora_layers)
+
+
+class PPOConfig(PolicyLoraSettings, GenerationSettings):
     # data and reward
     prompts: str = Field("redteam:train", description="training prompt set")
     reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
@@ -146,10 +160,6 @@ class PPOConfig(GenerationSettings):
     kl_horizon: float = Field(10_000, gt=0, description="adaptive KL horizon in samples")
     kl_estimator: typing.Literal["k1", "k3"] = Field("k1", description="KL estimator in the shaped reward")
     # LoRA
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
     init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
     # guards against reward hacking
     kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
@@ -248,7 +258,7 @@ class RMEvalConfig(RMDataSettings):
     out: str | None = Field(None, description="run folder (default runs/rm-eval-TIMESTAMP)")
 
 
-class DPOConfig(JobEvalSettings, GenerationSettings):
+class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     # data
     data: str | None = Field(None, description="pairs: JSONL, hf:NAME[:SPLIT] or a preference store (db:PATH); "
                                                "none: sample pairs from the model and rank them by the reward")
@@ -277,14 +287,10 @@ class DPOConfig(JobEvalSettings, GenerationSettings):
     batch_size: int = Field(8, gt=0, description="pairs per optimizer step")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
 
 
-class OnlineRLSettings(JobEvalSettings, GenerationSettings):
+class OnlineRLSettings(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     """Critic-free online RL (GRPO, RLOO): G samples per prompt, the same rewards, guards and run folder as PPO."""
 
     prompts: str = Field("redteam:train", description="training prompt set")
@@ -297,10 +303,6 @@ class OnlineRLSettings(JobEvalSettings, GenerationSettings):
     micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    lora_r: int = Field(16, gt=0, description="LoRA rank")
-    lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
-    lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
     kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
     kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise the KL "
                                                                                                "coefficient x1.5")

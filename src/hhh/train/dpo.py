@@ -150,13 +150,10 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hhh.models import LoraSettings
     from hhh.models.policy import build_policy
 
     console = console or Console(stderr=True)
-    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                        top_layers=config.lora_layers)
-    policy = build_policy(base, lora)
+    policy = build_policy(base, config.lora())
     device = next(policy.parameters()).device
     # 2. tokens, fixed minibatches
     batches = minibatches(pairs, tokenizer, config, device)

@@ -86,7 +86,6 @@ def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenize
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hhh.data import load_prompts
-    from hhh.models import LoraSettings
     from hhh.models.policy import build_policy
     from hhh.rewards import build_reward
 
@@ -97,8 +96,7 @@ def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenize
     val, train = prompts[len(prompts) - config.val_prompts:], prompts[: len(prompts) - config.val_prompts]
     reward = build_reward(config.reward, device=config.device)
     second = build_reward(config.second_scorer, device=config.device)
-    policy = build_policy(base, LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                                             top_layers=config.lora_layers))
+    policy = build_policy(base, config.lora())
     device = next(policy.parameters()).device
     batch_size = config.prompts_per_step * config.group_size
     updates = (config.epochs if isinstance(config, GRPOConfig) else 1) * math.ceil(batch_size / config.minibatch_size)

@@ -127,7 +127,7 @@ def train_ppo(config: PPOConfig, run: RunDir, *, base=None, tokenizer=None, resu
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hhh.data import load_prompts
-    from hhh.models import LoraSettings, load_causal_lm, load_tokenizer
+    from hhh.models import load_causal_lm, load_tokenizer
     from hhh.models.policy import build_policy
     from hhh.rewards import Shaped, build_reward
 
@@ -141,9 +141,7 @@ def train_ppo(config: PPOConfig, run: RunDir, *, base=None, tokenizer=None, resu
     shaping = Shaped(base_reward, clip=clip, normalize=None if config.reward_normalize == "none" else config.reward_normalize)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     base = base if base is not None else load_causal_lm(config.model, device=config.device, dtype=config.dtype)
-    lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                        top_layers=config.lora_layers)
-    policy = build_policy(base, lora, init_adapter=config.init_adapter, critic=config.critic)
+    policy = build_policy(base, config.lora(), init_adapter=config.init_adapter, critic=config.critic)
     device = next(policy.parameters()).device
 
     updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.minibatch_size)
