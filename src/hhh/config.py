@@ -125,7 +125,21 @@ class PolicyLoraSettings(Settings):
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, top_layers=self.lora_layers)
 
 
-class PPOConfig(PolicyLoraSettings, GenerationSettings):
+class GuardSettings(Settings):
+    """Guards against reward hacking, held-out checks and checkpoints of the online RL loops (PPO, GRPO, RLOO)."""
+
+    kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
+    kl_budget_action: typing.Literal["stop", "raise_beta"] = Field(
+        "raise_beta", description="stop, or raise the KL coefficient x1.5")
+    entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
+    length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
+    second_scorer: str = Field("sentiment", description="independent reward spec watched for divergence")
+    val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
+    val_every: int = Field(5, gt=0, description="steps between held-out checks")
+    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
+
+
+class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
     # data and reward
     prompts: str = Field("redteam:train", description="training prompt set")
     reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
@@ -161,16 +175,6 @@ class PPOConfig(PolicyLoraSettings, GenerationSettings):
     kl_estimator: typing.Literal["k1", "k3"] = Field("k1", description="KL estimator in the shaped reward")
     # LoRA
     init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
-    # guards against reward hacking
-    kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
-    kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise beta x1.5")
-    entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
-    length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
-    second_scorer: str = Field("sentiment", description="independent reward spec watched for divergence")
-    val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
-    val_every: int = Field(5, gt=0, description="steps between held-out checks")
-    # run folder
-    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
     out: str | None = Field(None, description="run folder (default runs/ppo-TIMESTAMP)")
 
 
@@ -290,12 +294,11 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
 
 
-class OnlineRLSettings(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
+class OnlineRLSettings(JobEvalSettings, GuardSettings, PolicyLoraSettings, GenerationSettings):
     """Critic-free online RL (GRPO, RLOO): G samples per prompt, the same rewards, guards and run folder as PPO."""
 
     prompts: str = Field("redteam:train", description="training prompt set")
     reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
-    second_scorer: str = Field("sentiment", description="independent reward spec watched for divergence")
     steps: int = Field(10, gt=0, description="steps (rollout + update)")
     prompts_per_step: int = Field(8, gt=0, description="prompts per step")
     group_size: int = Field(4, ge=2, description="G: samples per prompt (the group)")
@@ -303,14 +306,6 @@ class OnlineRLSettings(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
     lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
-    kl_budget_action: typing.Literal["stop", "raise_beta"] = Field("raise_beta", description="stop or raise the KL "
-                                                                                               "coefficient x1.5")
-    entropy_floor: float = Field(0.3, ge=0, description="alarm when entropy falls below this fraction of the first")
-    length_drift: float = Field(0.5, gt=0, lt=1, description="alarm when mean length leaves [x, 1/x] of the first")
-    val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
-    val_every: int = Field(5, gt=0, description="steps between held-out checks")
-    checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
 
 
 class GRPOConfig(OnlineRLSettings):
