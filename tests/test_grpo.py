@@ -30,7 +30,9 @@ def test_critic_free_rl_raises_a_simple_reward(cls, extra, tokenizer, tmp_path):
     late = sum(x["reward/score"] for x in m[-3:]) / 3
     assert late > early + 0.2, (early, late)
     assert steps == 20 and stopped is None and best is not None
-    assert m[0]["kl/k1"] == 0.0 and m[-1]["kl/k1"] > 0  # the first rollout is the reference's
+    # The first rollout is the reference's. Old log-probs are the sampler's (KV cache), the reference's a fresh
+    # pass: equal up to float rounding.
+    assert abs(m[0]["kl/k1"]) < 1e-4 and m[-1]["kl/k1"] > 0.01
     for key in ("reward/score", "kl/k1", "kl/k3", "policy/entropy", "loss/policy", "length/mean", "second/score",
                 "samples/distinct_2", "alarms", "time/step_s"):
         assert key in m[-1], key

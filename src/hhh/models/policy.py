@@ -81,10 +81,12 @@ class PolicyWithValue(nn.Module):
 
     def forward_response(
         self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
-        *, temperature: float, values: bool = True, entropy: bool = False,
+        *, temperature: float, values: bool = True, entropy: bool = False, entropy_grad: bool = True,
         trunk: Tensor | None = None, keep_trunk: bool = False,
     ) -> Forward:
         """Log-probs (and entropy, values) of the response tokens.
+
+        entropy_grad=False: the entropy is only measured (no graph through the (B, R, V) probabilities).
 
         trunk: hidden states from an earlier `keep_trunk=True` call on the same tokens; only the adapted
         top layers then run. keep_trunk: return the trunk for later calls.
@@ -115,7 +117,8 @@ class PolicyWithValue(nn.Module):
         logp = logp_all.gather(-1, response_ids[..., None]).squeeze(-1)
         ent = None
         if entropy:
-            ent = entropy_from_logprobs(logp_all)
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent = entropy_from_logprobs(logp_all if entropy_grad else logp_all.detach())
         vals = None
         if values:
             hidden_states = out.hidden_states

@@ -3,7 +3,8 @@
 Each step:
   1. rollout: G samples for each of the step's prompts from the policy
   2. score: reward function on (prompt, completion)
-  3. old log-probs and entropy (policy), reference log-probs (same base, adapter disabled)
+  3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own,
+     recorded in step 1, so no second policy pass runs (the reference pass keeps the frozen trunk)
   4. advantages, one per completion:
        GRPO   (r - mean_group) / std_group, KL kept out of the reward (it is in the loss)
        RLOO   r - beta * KL  minus the mean of the other G-1 samples of the prompt
@@ -26,7 +27,23 @@ from hhh.rollout import Rollout, sample
 from hhh.runs import RunDir
 from hhh.train.guards import Guards
 from hhh.train.loop import MINIBATCHES, Checkpoints, GracefulStop, linear_decay, step_generator, step_prompts
-from hhh.train.ppo import _chunks, _old_forward, held_out
+from hhh.train.ppo import _chunks, held_out
+
+
+@torch.no_grad()
+def reference_forward(policy, r: Rollout, config: OnlineRLSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """3. reference log-probs (B, R) and the frozen trunk's output, in micro-batches.
+
+    The trunk (layers below the first adapted one) is the same for reference and policy, so the update
+    passes reuse it and run only the adapted top layers."""
+    logps, trunks = [], []
+    for s in _chunks(len(r.prompts), config.micro_batch_size):
+        with policy.reference():
+            f = policy.forward_response(r.query_ids[s], r.query_mask[s], r.response_ids[s], r.response_mask[s],
+                                        temperature=config.temperature, values=False, keep_trunk=True)
+        logps.append(f.logprobs)
+        trunks.append(f.trunk)
+    return torch.cat(logps), (None if trunks[0] is None else torch.cat(trunks))
 
 
 def advantages(config: OnlineRLSettings, score: torch.Tensor, kl_seq: torch.Tensor) -> torch.Tensor:
@@ -43,7 +60,8 @@ def advantages(config: OnlineRLSettings, score: torch.Tensor, kl_seq: torch.Tens
 def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, adv, config: OnlineRLSettings,
            generator: torch.Generator) -> dict[str, float]:
     """5. GRPO: clipped surrogate + beta*k3 over `epochs` passes; RLOO: REINFORCE, one pass. Micro-batches
-    accumulate gradients weighted by their share of the minibatch."""
+    accumulate gradients weighted by their share of the minibatch. The policy's entropy is measured on the
+    way (mean over the passes, at the temperature)."""
     mask = r.response_mask.float()
     params = policy.trainable_parameters()
     grpo = isinstance(config, GRPOConfig)
@@ -54,11 +72,12 @@ def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, 
         for mb in _chunks(len(order), config.minibatch_size):
             idx = order[mb]
             optimizer.zero_grad(set_to_none=True)
-            stats = {"loss/policy": 0.0, "policy/clipfrac": 0.0}
+            stats = {"loss/policy": 0.0, "policy/clipfrac": 0.0, "policy/entropy": 0.0}
             for micro in _chunks(len(idx), config.micro_batch_size):
                 i = idx[micro]
                 new = policy.forward_response(r.query_ids[i], r.query_mask[i], r.response_ids[i], r.response_mask[i],
-                                              temperature=config.temperature, values=False,
+                                              temperature=config.temperature, values=False, entropy=True,
+                                              entropy_grad=False,
                                               trunk=None if trunk is None else trunk[i])
                 share = len(i) / len(idx)
                 if grpo:
@@ -72,6 +91,7 @@ def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, 
                 (loss * share).backward()
                 stats["loss/policy"] += float(loss.detach()) * share
                 stats["policy/clipfrac"] += float(clipfrac) * share
+                stats["policy/entropy"] += float(L.masked_mean(new.entropy, mask[i])) * len(i) / len(idx)
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
             optimizer.step()
             scheduler.step()
@@ -125,20 +145,21 @@ def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenize
                        temperature=config.temperature, generator=step_generator(config.seed, step, device))
             # 2. score
             score = reward.score(batch, r.texts).float().to(device)
-            # 3. old and reference log-probs
-            old, ref_logp = _old_forward(policy, r, config)
+            # 3. reference log-probs; the sampler's log-probs are the old policy's
+            ref_logp, trunk = reference_forward(policy, r, config)
+            old_logp = r.logprobs
             mask = r.response_mask.float()
-            kl_seq = (L.kl_per_token(old.logprobs, ref_logp, "k1") * mask).sum(-1)
+            kl_seq = (L.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(-1)
             # 4. advantages
             adv = advantages(config, score, kl_seq)
             # 5. update
-            stats = update(policy, optimizer, scheduler, r, old.logprobs, ref_logp, old.trunk, adv, config,
+            stats = update(policy, optimizer, scheduler, r, old_logp, ref_logp, trunk, adv, config,
                            step_generator(config.seed, step, "cpu", MINIBATCHES))
             # 6. bookkeeping
             m = {"step": step + 1, "reward/score": float(score.mean()), "reward/std": float(score.std()),
                  "advantage/abs_mean": float(adv.abs().mean()), "kl/k1": float(kl_seq.mean()),
-                 "kl/k3": float((L.kl_per_token(old.logprobs, ref_logp, "k3") * mask).sum(-1).mean()),
-                 f"kl/{coef}": getattr(config, coef), "policy/entropy": float(L.masked_mean(old.entropy, mask)),
+                 "kl/k3": float((L.kl_per_token(old_logp, ref_logp, "k3") * mask).sum(-1).mean()),
+                 f"kl/{coef}": getattr(config, coef),
                  **stats, "lr": scheduler.get_last_lr()[0], "length/mean": float(r.lengths.float().mean()),
                  "eos_rate": float(r.ended.float().mean()), "samples/distinct_2": distinct_n(r.texts, 2),
                  "samples/repetition_3": repetition_rate(r.texts, 3),
