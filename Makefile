@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hhh-installed
 
-.PHONY: setup detox test test-fast lint system
+.PHONY: setup detox test test-fast lint system bench-trl
 
 setup: $(STAMP)
 
@@ -37,3 +37,9 @@ test: setup system
 
 test-fast: setup system
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# hhh's DPO and GRPO against TRL's trainers (bench/vs_trl.py). TRL is needed only here: installed without its
+# dependencies (transformers, accelerate, datasets, peft are already in .venv), so it cannot move their versions.
+bench-trl: setup
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q --no-deps trl==1.16.0
+	$(BIN)/python bench/vs_trl.py $(ARGS)

@@ -54,6 +54,26 @@ def test_a_tiny_model_raises_its_margin_on_a_toy_preference(tiny, tokenizer, tmp
     assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("loss", ["sigmoid", "kto", "orpo"])
+def test_micro_batches_of_pairs_give_the_same_steps(tokenizer, tmp_path, loss):
+    """Gradient accumulation over micro-batches of 3, 3 and 2 pairs == one pass over the 8: same loss, gradient
+    norm and log-probs at both steps (completions of different lengths, so padding differs by row)."""
+    from hhh.models import tiny_causal_lm
+
+    n = 8
+    pairs = Pairs([f"Question {i}?" for i in range(n)], ["yes thank you", "sure, here it is, gladly"] * 4,
+                  ["no", "go away now please"] * 4, [False] * n, [None] * n)
+    logs = {}
+    for micro in (8, 3):
+        config = DPOConfig(loss=loss, batch_size=8, micro_batch_size=micro, epochs=2, lr=1e-2)
+        run = RunDir.create("dpo", config, str(tmp_path / f"m{micro}"))
+        train_dpo(config, run, pairs, base=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer, console=None)
+        logs[micro] = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in run.metrics()]
+    assert len(logs[8]) == 2 and logs[8][1]["loss/dpo"] != logs[8][0]["loss/dpo"]
+    for whole, parts in zip(logs[8], logs[3], strict=True):
+        assert parts == pytest.approx(whole, rel=1e-4, abs=1e-6)
+
+
 def test_dpo_logs_both_logps_and_the_implicit_rewards(tiny, tokenizer, tmp_path):
     config = DPOConfig(batch_size=4, epochs=1)
     run = RunDir.create("dpo", config, str(tmp_path / "run"))
@@ -81,6 +101,29 @@ def test_dpo_command_on_a_pairs_file_and_on_self_built_pairs(tiny_dir, tmp_path)
         assert (run / "eval_before.json").is_file() and (run / "eval.json").is_file() and (run / "report.html").is_file()
         assert json.loads((run / "summary.json").read_text())["loss"] == "sigmoid"
     assert json.loads((tmp_path / "a" / "pairs.json").read_text())["pairs"] == 6
+
+
+def test_dpo_straight_from_the_preference_store(tiny_dir, tmp_path):
+    """Pairs imported into a real SQLite store by two labelers; `--labelers alice` trains on alice's ordered pairs
+    only (her tie is left out)."""
+    db = tmp_path / "fb.db"
+    labels = {"alice": [{"prompt": f"a{i}", "chosen": "thanks, gladly", "rejected": "go away"} for i in range(4)]
+              + [{"prompt": "a-tie", "chosen": "maybe", "rejected": "perhaps", "tie": True}],
+              "bob": [{"prompt": f"b{i}", "chosen": "go away", "rejected": "thanks"} for i in range(3)]}
+    for name, rows in labels.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        proc = subprocess.run([sys.executable, "-m", "hhh.cli", "label", "import", str(path), "--db", str(db),
+                               "--labeler", name], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "dpo", "--data", f"db:{db}", "--labelers", "alice",
+                           "--model", tiny_dir, "--max-new-tokens", "6", "--eval-max-prompts", "2", "--eval-samples",
+                           "2", "--batch-size", "2", "--epochs", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "pairs.json").read_text()) == {"pairs": 4, "source": f"db:{db}"}
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # 4 pairs, 2 per step
 
 
 @pytest.mark.parametrize("argv, message", [(["dpo", "--loss", "xpo"], "flag --loss"),

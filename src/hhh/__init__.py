@@ -19,6 +19,8 @@ _EXPORTS = {
     "DPOConfig": "hhh.config",
     "GRPOConfig": "hhh.config",
     "RLOOConfig": "hhh.config",
+    "FrontierConfig": "hhh.config",
+    "frontier": "hhh.frontier",
     "evaluate": "hhh.evaluate",
     "train_ppo": "hhh.train.ppo",
     "sample": "hhh.rollout",

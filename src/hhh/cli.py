@@ -12,6 +12,7 @@ from hhh.config import (
     DetoxConfig,
     DPOConfig,
     EvalConfig,
+    FrontierConfig,
     GRPOConfig,
     LabelAutoConfig,
     LabelGenerateConfig,
@@ -30,7 +31,7 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings (flags override it)")
     for name, annotation, description, default in flag_fields(cls):
         flag = "--" + name.replace("_", "-")
-        shown = ",".join(default) if isinstance(default, list) else default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{description} (default: {shown})"
         if is_bool(annotation):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -78,6 +79,16 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     from hhh.detox import dpo
 
     dpo(_settings(args, DPOConfig))
+    return 0
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    from hhh.frontier import frontier
+
+    if args.resume:
+        frontier(resume=args.resume)
+    else:
+        frontier(_settings(args, FrontierConfig))
     return 0
 
 
@@ -238,6 +249,8 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
              GRPOConfig, cmd_online),
     "rloo": ("RLOO: leave-one-out baseline, KL in the reward, sequence-level REINFORCE (or REINFORCE++)",
              RLOOConfig, cmd_online),
+    "frontier": ("PPO, GRPO, RLOO and DPO at several KL strengths: held-out reward against KL, plot and table",
+                 FrontierConfig, cmd_frontier),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -270,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name in ("detox", "grpo", "rloo"):
+        if name in ("detox", "grpo", "rloo", "frontier"):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")

@@ -289,6 +289,7 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     # schedule and LoRA
     epochs: int = Field(2, gt=0, description="passes over the pairs")
     batch_size: int = Field(8, gt=0, description="pairs per optimizer step")
+    micro_batch_size: int = Field(4, gt=0, description="pairs per forward/backward (memory bound)")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
@@ -323,4 +324,45 @@ class RLOOConfig(OnlineRLSettings):
     advantage: typing.Literal["rloo", "reinforce++"] = Field(
         "rloo", description="leave-one-out baseline per group, or REINFORCE++ (batch-normalised, no baseline)")
     normalize_advantages: bool = Field(True, description="whiten the RLOO advantages over the batch")
+    # The leave-one-out advantage is near 0 in groups that agree, so fewer samples carry signal than in GRPO,
+    # whose per-group std division scales every group up: 1e-3 moved RLOO too little in 10 steps.
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     out: str | None = Field(None, description="run folder (default runs/rloo-TIMESTAMP)")
+
+
+class FrontierConfig(PolicyLoraSettings, GenerationSettings):
+    """`hhh frontier`: PPO, GRPO, RLOO and DPO on the detox task at several KL strengths, each adapter scored on
+    held-out prompts; held-out reward against KL to the reference, one curve per method."""
+
+    methods: list[typing.Literal["ppo", "grpo", "rloo", "dpo"]] = Field(
+        ["ppo", "grpo", "rloo", "dpo"], description="methods to run (comma-separated)")
+    ppo_kl_coef: list[float] = Field([0.01, 0.1, 0.5], description="PPO: per-token KL penalties (fixed beta)")
+    grpo_beta: list[float] = Field([0.0, 0.2, 1.0], description="GRPO: k3 KL coefficients in the loss")
+    rloo_kl_coef: list[float] = Field([0.0, 0.1, 0.5], description="RLOO: KL coefficients in the reward")
+    dpo_beta: list[float] = Field([0.03, 0.1, 0.5], description="DPO: betas (smaller allows more KL)")
+    prompts: str = Field("redteam:train", description="training prompt set (DPO: its pairs are sampled here)")
+    reward: str = Field("toxicity", description="training reward spec (DPO: ranks the sampled pairs)")
+    steps: int | None = Field(None, gt=0, description="steps of PPO, GRPO and RLOO (None: each command's default)")
+    dpo_pair_prompts: int | None = Field(None, gt=0, description="prompts DPO pairs are built on (None: hhh dpo's default)")
+    eval_prompts: str = Field("redteam:eval", description="held-out prompt set every adapter is scored on")
+    scorer: str = Field("toxicity", description="reward spec of the held-out score (the plot's y axis)")
+    eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
+    eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N eval prompts")
+    quick: bool = Field(False, description="a smaller frontier for one CPU hour; fields set explicitly win")
+    out: str | None = Field(None, description="run folder (default runs/frontier-TIMESTAMP)")
+
+    def strengths(self, method: str) -> list[float]:
+        return {"ppo": self.ppo_kl_coef, "grpo": self.grpo_beta, "rloo": self.rloo_kl_coef,
+                "dpo": self.dpo_beta}[method]
+
+    def resolved(self) -> FrontierConfig:
+        """With quick=True, the QUICK values for every field not set explicitly."""
+        if not self.quick:
+            return self
+        return self.model_copy(update={k: v for k, v in FRONTIER_QUICK.items() if k not in self.model_fields_set})
+
+
+# `hhh frontier --quick`: 12 trainings and 13 evaluations in under an hour on 2 CPU cores. Shorter completions
+# and 5 steps per online run; 48 eval prompts x 2 samples (the toxicity CI is then about +-0.03).
+FRONTIER_QUICK: dict[str, typing.Any] = {"max_new_tokens": 32, "steps": 5, "dpo_pair_prompts": 48,
+                                         "eval_max_prompts": 48, "eval_samples": 2}

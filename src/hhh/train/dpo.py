@@ -45,6 +45,12 @@ class Minibatch:
     def pairs(self) -> int:
         return self.query_ids.shape[0] // 2
 
+    def rows(self, pairs: slice) -> tuple[Tensor, Minibatch]:
+        """The rows of `pairs` (chosen ones, then their rejected ones) and that smaller minibatch."""
+        b = self.pairs
+        idx = torch.cat([torch.arange(b)[pairs], torch.arange(b)[pairs] + b]).to(self.query_ids.device)
+        return idx, Minibatch(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
+
 
 def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
     """On-policy pairs for a task: K samples per prompt from `model`, best vs worst by the reward
@@ -178,24 +184,33 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
             for j in np.random.default_rng([config.seed, epoch]).permutation(len(batches)).tolist():
                 t_step = time.time()
                 mb = batches[j]
-                # 4. policy log-probs of chosen and rejected, the loss
-                s, m, _ = sequence_logps(policy, mb, config.temperature, trunk=trunks[j])
                 kl = None
                 if mb.mismatched is not None:
                     with torch.no_grad():
                         kl = L.kto_kl_baseline(sequence_logps(policy, mb.mismatched, config.temperature)[0], kto_refs[j])
-                loss = preference_loss(config, (s, m), None if config.loss in NO_REFERENCE else refs[j], kl)
+                # 4. policy log-probs of chosen and rejected, the loss; micro-batches of pairs accumulate
+                #    gradients weighted by their share (every loss is a mean over pairs or rows)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                b, loss, parts = mb.pairs, 0.0, []
+                for i in range(0, b, config.micro_batch_size):
+                    pairs_i = slice(i, min(i + config.micro_batch_size, b))
+                    idx, part = mb.rows(pairs_i)
+                    s, m, _ = sequence_logps(policy, part, config.temperature, trunk=None if trunks[j] is None else trunks[j][idx])
+                    ref = None if config.loss in NO_REFERENCE else (refs[j][0][idx], refs[j][1][idx])
+                    share = (pairs_i.stop - pairs_i.start) / b
+                    micro_loss = preference_loss(config, (s, m), ref, kl) * share
+                    micro_loss.backward()
+                    loss += float(micro_loss.detach())
+                    parts.append(s.detach().view(2, -1))
+                s = torch.cat(parts, 1).reshape(-1)  # (2b,) chosen rows, then rejected, as in the minibatch
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 # 5. log
-                b = mb.pairs
                 chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()
                 rejected = config.beta * (s[b:] - refs[j][0][b:]).detach()
-                metrics = {"step": step, "epoch": epoch, "loss/dpo": loss.item(),
+                metrics = {"step": step, "epoch": epoch, "loss/dpo": loss,
                            "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
                            "rewards/margin": float((chosen - rejected).mean()),
                            "rewards/accuracy": float((chosen > rejected).float().mean()),

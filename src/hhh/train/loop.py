@@ -78,7 +78,10 @@ class Checkpoints:
 
 
 class GracefulStop:
-    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once.
+
+    Nested (a training loop inside a job that runs several, like `hhh frontier`), a Ctrl-C is also seen by
+    the enclosing GracefulStop."""
 
     def __init__(self, console=None) -> None:
         self.requested = False
@@ -89,6 +92,9 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        outer = getattr(self._previous, "__self__", None)
+        if isinstance(outer, GracefulStop):
+            outer.requested = True
         msg = "Ctrl-C: finishing this step, then saving a checkpoint (press again to abort now)"
         print(msg) if self.console is None else self.console.print(f"[yellow]{msg}")
 
