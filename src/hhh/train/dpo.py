@@ -26,7 +26,7 @@ from hhh import losses as L
 from hhh.config import DPOConfig
 from hhh.rollout import chat_prompt_ids, left_pad
 from hhh.runs import RunDir
-from hhh.train.loop import GracefulStop, linear_decay, step_generator
+from hhh.train.loop import GracefulStop, clip_and_step, linear_decay, step_generator
 from hhh.train.rm import Pairs
 
 MEAN_LOGP = ("ipo", "simpo", "orpo")  # losses on per-token mean log-probs
@@ -203,9 +203,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
                     loss += float(micro_loss.detach())
                     parts.append(s.detach().view(2, -1))
                 s = torch.cat(parts, 1).reshape(-1)  # (2b,) chosen rows, then rejected, as in the minibatch
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                grad_norm = clip_and_step(policy.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
                 step += 1
                 # 5. log
                 chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()

@@ -26,7 +26,15 @@ from hhh.evaluate import distinct_n, repetition_rate
 from hhh.rollout import Rollout, sample
 from hhh.runs import RunDir
 from hhh.train.guards import Guards
-from hhh.train.loop import MINIBATCHES, Checkpoints, GracefulStop, linear_decay, step_generator, step_prompts
+from hhh.train.loop import (
+    MINIBATCHES,
+    Checkpoints,
+    GracefulStop,
+    clip_and_step,
+    linear_decay,
+    step_generator,
+    step_prompts,
+)
 from hhh.train.ppo import _chunks, held_out
 
 
@@ -92,9 +100,7 @@ def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, 
                 stats["loss/policy"] += float(loss.detach()) * share
                 stats["policy/clipfrac"] += float(clipfrac) * share
                 stats["policy/entropy"] += float(L.masked_mean(new.entropy, mask[i])) * len(i) / len(idx)
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
+            stats["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1

@@ -13,6 +13,15 @@ import numpy as np
 import torch
 
 
+def clip_and_step(params, optimizer, scheduler, max_norm: float) -> float:
+    """Clip the gradients' global norm, step the optimizer and the learning-rate schedule; returns the norm
+    before clipping (logged as grad_norm)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+    return float(norm)
+
+
 def step_prompts(prompts: Sequence[str], batch_size: int, step: int, seed: int) -> list[str]:
     """The prompts of step `step`: consecutive slices of a per-epoch shuffle, a pure function of
     (step, seed), so a resumed run sees exactly the prompts an uninterrupted one would."""

@@ -41,6 +41,7 @@ from hhh.train.loop import (
     MINIBATCHES,
     Checkpoints,
     GracefulStop,
+    clip_and_step,
     linear_decay,
     step_generator,
     step_prompts,
@@ -103,9 +104,7 @@ def ppo_update(policy, optimizer, scheduler, r: Rollout, old: Forward, adv, retu
                 for k, v in (("loss/policy", pg), ("loss/value", vl), ("loss/entropy", ent),
                              ("policy/clipfrac", clipfrac), ("policy/approxkl", approx_kl), ("value/clipfrac", vclip)):
                     stats[k] += float(v.detach())
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
+            stats["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1

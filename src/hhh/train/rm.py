@@ -21,7 +21,7 @@ import torch
 from hhh.config import RMConfig, RMDataSettings, RMEvalConfig
 from hhh.losses import bradley_terry_loss
 from hhh.runs import RunDir, seed_everything
-from hhh.train.loop import GracefulStop, linear_decay
+from hhh.train.loop import GracefulStop, clip_and_step, linear_decay
 
 
 @dataclass(frozen=True)
@@ -198,9 +198,7 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
                 loss = bradley_terry_loss(r_c, r_r, margin=margin, tie=tie, center_coef=config.center_coef)
                 optimizer.zero_grad()
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                scheduler.step()
+                clip_and_step(model.parameters(), optimizer, scheduler, 1.0)
                 step += 1
                 ordered = ~tie
                 acc = float(((r_c - r_r) > 0)[ordered].float().mean()) if ordered.any() else float("nan")
