@@ -73,3 +73,8 @@ def test_commands_as_a_user_runs_them(command, tiny_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
     assert (out / "report.html").is_file() and (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    # --resume reads the kind and settings from the run folder; a finished run only evaluates again
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", command, "--resume", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"hhh {command} --resume" not in proc.stdout and len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -64,14 +64,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_or_resumed(args: argparse.Namespace, job: Callable, cls: type[Settings]) -> int:
+    """A resumable job: from its flags, or (--resume RUN) from the config saved in the run folder."""
+    job(resume=args.resume) if args.resume else job(_settings(args, cls))
+    return 0
+
+
 def cmd_detox(args: argparse.Namespace) -> int:
     from hhh.detox import detox
 
-    if args.resume:
-        detox(resume=args.resume)
-    else:
-        detox(_settings(args, DetoxConfig))
-    return 0
+    return _new_or_resumed(args, detox, DetoxConfig)
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
@@ -85,11 +87,7 @@ def cmd_dpo(args: argparse.Namespace) -> int:
 def cmd_frontier(args: argparse.Namespace) -> int:
     from hhh.frontier import frontier
 
-    if args.resume:
-        frontier(resume=args.resume)
-    else:
-        frontier(_settings(args, FrontierConfig))
-    return 0
+    return _new_or_resumed(args, frontier, FrontierConfig)
 
 
 def cmd_online(args: argparse.Namespace) -> int:
@@ -97,8 +95,7 @@ def cmd_online(args: argparse.Namespace) -> int:
     from hhh.detox import online
 
     cls = GRPOConfig if args.command_name == "grpo" else RLOOConfig
-    online(cls() if args.resume else _settings(args, cls), resume=args.resume)
-    return 0
+    return _new_or_resumed(args, lambda config=None, resume=None: online(config or cls(), resume=resume), cls)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
