@@ -197,3 +197,35 @@ def test_starting_adapter_is_the_reference(tokenizer, tmp_path):
     assert not torch.allclose(ref, bare, atol=1e-3)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
     assert trainable and not any(".reference." in n for n in trainable)
+
+
+def test_separate_critic_adapter_still_trains_after_a_reference_pass(tokenizer):
+    """PEFT re-runs set_adapter when disable_adapter() exits, which freezes every adapter but the active one: the
+    critic's LoRA must keep its gradient after the reference pass that every PPO step makes first."""
+    from hhh.losses import value_loss
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2), critic="separate")
+    n_trainable = len(policy.trainable_parameters())
+    q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
+    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    for _ in range(2):
+        policy.reference_logprobs(q, ones_q, r, ones_r, temperature=0.7)
+    with torch.no_grad():
+        policy.value_head.weight.normal_(0, 0.3)  # lora_B starts at 0: the critic's A gets a gradient only via the head
+    out = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7)
+    loss, _ = value_loss(out.values, torch.zeros_like(out.values), torch.ones_like(out.values), ones_r.float())
+    loss.backward()
+    critic = {n: p for n, p in policy.named_parameters() if ".critic." in n and "lora_" in n}
+    assert critic and all(p.requires_grad for p in critic.values())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in critic.values())
+    assert len(policy.trainable_parameters()) == n_trainable
+
+
+def test_separate_critic_adapter_moves_in_a_real_ppo_step(tokenizer, tmp_path):
+    _, result = run_ppo(tokenizer, tmp_path, "critic-moves", steps=1, critic="separate")
+    critic_b = [p for n, p in result.policy.named_parameters() if ".critic." in n and "lora_B" in n]
+    policy_b = [p for n, p in result.policy.named_parameters() if ".default." in n and "lora_B" in n]
+    assert critic_b and max(float(p.abs().max()) for p in critic_b) > 0, "the critic's LoRA never left its init"
+    assert max(float(p.abs().max()) for p in policy_b) > 0

@@ -65,6 +65,10 @@ class PolicyWithValue(nn.Module):
         # no gradient: their output (the "trunk") is computed once per batch and reused by the
         # reference pass and every PPO epoch, which then run only the adapted top layers.
         self.split = frozen_trunk_depth(lm)
+        # The parameters that train, fixed here. PEFT's set_adapter (also run when disable_adapter() exits)
+        # rewrites requires_grad of every adapter to "active or not", which would freeze the critic's LoRA after
+        # the first reference pass; every adapter switch below puts this set back instead.
+        self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
 
     @contextmanager
     def _top_layers_only(self):
@@ -77,7 +81,11 @@ class PolicyWithValue(nn.Module):
             decoder.layers = layers
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+        return [p for p in self.parameters() if id(p) in self._trainable]
+
+    def _restore_trainable(self) -> None:
+        for p in self.lm.parameters():
+            p.requires_grad_(id(p) in self._trainable)
 
     def forward_response(
         self, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor,
@@ -132,14 +140,12 @@ class PolicyWithValue(nn.Module):
 
     @contextmanager
     def _adapter(self, name: str):
-        flags = {n: p.requires_grad for n, p in self.lm.named_parameters()}
         self.lm.set_adapter(name)
         try:
             yield
         finally:
             self.lm.set_adapter("default")
-            for n, p in self.lm.named_parameters():  # set_adapter changes requires_grad; put it back
-                p.requires_grad_(flags[n])
+            self._restore_trainable()
 
     def _critic_hidden(self, ids: Tensor, trunk: Tensor | None, kw: dict):
         with self._adapter("critic"):
@@ -152,8 +158,11 @@ class PolicyWithValue(nn.Module):
     def reference(self):
         """The reference policy: adapter disabled, or the frozen starting adapter."""
         if not self.has_reference_adapter:
-            with self.lm.disable_adapter():
-                yield self
+            try:
+                with self.lm.disable_adapter():
+                    yield self
+            finally:
+                self._restore_trainable()
             return
         with self._adapter("reference"):
             yield self
