@@ -136,3 +136,24 @@ def test_dpo_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_training_forwards_run_with_dropout_off(tokenizer):
+    """A LoRA dropout of 0.5 in the adapter's config: a training pass (policy.train(), gradients on) still gives the
+    same log-probs twice, equal to a no-grad pass, as the cached reference and old log-probs assume."""
+    from hhh.models import tiny_causal_lm
+
+    policy = build_policy(tiny_causal_lm(tokenizer), LoraSettings(r=4, dropout=0.5))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    policy.train()
+    mb = minibatches(toy_pairs(4), tokenizer, DPOConfig(batch_size=4), "cpu")[0]
+    first, second = sequence_logps(policy, mb, 1.0)[0], sequence_logps(policy, mb, 1.0)[0]
+    assert first.requires_grad
+    with torch.no_grad():
+        quiet = sequence_logps(policy, mb, 1.0)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    torch.testing.assert_close(first.detach(), quiet)
+    assert not any(m.training for m in policy.modules())

@@ -116,7 +116,8 @@ class PolicyLoraSettings(Settings):
 
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout written to the adapter's config "
+                                                         "(hhh trains policies with dropout off, as TRL does)")
     lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
 
     def lora(self):

@@ -69,6 +69,13 @@ class PolicyWithValue(nn.Module):
         # rewrites requires_grad of every adapter to "active or not", which would freeze the critic's LoRA after
         # the first reference pass; every adapter switch below puts this set back instead.
         self._trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        self.eval()
+
+    def train(self, mode: bool = True):
+        # Dropout stays off in every pass, training ones included (TRL's disable_dropout does the same): the
+        # reference and old-policy log-probs are dropout-free, so a dropped-out training pass would put noise into
+        # every ratio and margin. A fresh LoRA layer is created in train mode, so this is set here, not by the loader.
+        return super().train(False)
 
     @contextmanager
     def _top_layers_only(self):
