@@ -17,6 +17,7 @@ from hhh.losses import (
     kl_per_token,
     kto_kl_baseline,
     kto_loss,
+    log1mexp,
     masked_mean,
     masked_whiten,
     orpo_loss,
@@ -225,6 +226,25 @@ def test_simpo_and_orpo_by_hand():
     assert simpo_loss(t([-0.5]), t([-1.0]), beta=2.0, gamma=1.0).item() == pytest.approx(math.log(2))
     orpo = orpo_loss(t([math.log(0.5)]), t([math.log(0.25)]), t([2.0]), lam=0.1)
     assert orpo.item() == pytest.approx(2.0 + 0.1 * math.log(4 / 3), abs=1e-6)
+
+
+def test_orpo_keeps_its_gradient_when_the_chosen_answer_is_near_certain():
+    """Mean log-prob m_w = -1e-7 (P_w ~ 1): log odds(m) = m - log(1 - e^m), d/dm = 1 / (1 - e^m) ~ 1e7.
+    With m_l = -1: lo_w = -1e-7 - log(1e-7) = 16.118096, lo_l = -1 - log(1 - e^-1) = -0.541325, d = 16.659421;
+    dL/dm_w = -lam * (1 - sigma(d)) / (1 - e^m_w) = -0.1 * 5.8217e-8 * 1e7 = -0.058217 (a clamp at -1e-6 gave 0)."""
+    m_w = t([-1e-7], requires_grad=True)
+    orpo_loss(m_w, t([-1.0]), t([0.0]), lam=0.1).backward()
+    d = (-1e-7 - math.log(-math.expm1(-1e-7))) - (-1 - math.log(1 - math.exp(-1)))
+    expected = -0.1 * (1 - 1 / (1 + math.exp(-d))) / -math.expm1(-1e-7)
+    assert m_w.grad.item() == pytest.approx(expected, rel=1e-3) and expected == pytest.approx(-0.058217, rel=1e-3)
+
+
+def test_log1mexp_matches_float64_on_both_branches():
+    """log(1 - e^x) at x = -1e-6 (log(9.999995e-7) = -13.815511), -0.5, -log 2 (log 1/2) and -30 (-e^-30)."""
+    x = t([-1e-6, -0.5, -math.log(2), -30.0])
+    expected = t([math.log(-math.expm1(v)) for v in (-1e-6, -0.5, -math.log(2))] + [-math.exp(-30.0)])
+    torch.testing.assert_close(log1mexp(x), expected, rtol=1e-6, atol=1e-12)
+    assert torch.isfinite(log1mexp(t([0.0]))).all()
 
 
 def test_kto_by_hand():

@@ -24,6 +24,7 @@ References
   [Shao24]     DeepSeekMath (GRPO), arXiv:2402.03300
   [Ahmadian24] Back to Basics: Revisiting REINFORCE Style Optimization (RLOO), arXiv:2402.14740
   [Hu25]       REINFORCE++, arXiv:2501.03262
+  [Maechler12] Accurately Computing log(1 - exp(-|a|)), CRAN Rmpfr vignette
 
 Preference losses take sequence log-probs (B,): the sum over completion tokens of log pi(y_t | x, y_<t),
 or the mean over them where the method says so (SimPO, ORPO). pi_* are the policy's, ref_* the reference's.
@@ -246,12 +247,20 @@ def simpo_loss(pi_chosen_mean: Tensor, pi_rejected_mean: Tensor, *, beta: float 
     return -torch.nn.functional.logsigmoid(beta * (pi_chosen_mean - pi_rejected_mean) - gamma).mean()
 
 
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends [Maechler12]: log(-expm1(x)) for x > -log 2, where
+    1 - exp(x) cancels, and log1p(-exp(x)) below, where exp(x) is small. Its gradient -1/expm1(-x) stays finite
+    (and large) as x -> 0-; only x = 0 itself, a probability of exactly 1, is clamped to the largest float below 0."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
 def orpo_loss(pi_chosen_mean: Tensor, pi_rejected_mean: Tensor, nll_chosen: Tensor, *, lam: float = 0.1) -> Tensor:
     """ORPO [Hong24 eq. 6-7], reference-free: NLL(y_w) + lam * -log sigma(log odds(y_w) - log odds(y_l)),
     odds(y) = P / (1 - P) with P = exp(mean log pi(y)); nll_chosen is the SFT loss on the chosen tokens (B,)."""
 
     def log_odds(mean_logp: Tensor) -> Tensor:
-        return mean_logp - torch.log1p(-mean_logp.clamp(max=-1e-6).exp())  # log P - log(1 - P)
+        return mean_logp - log1mexp(mean_logp)  # log P - log(1 - P)
 
     ratio = -torch.nn.functional.logsigmoid(log_odds(pi_chosen_mean) - log_odds(pi_rejected_mean))
     return (nll_chosen + lam * ratio).mean()
