@@ -28,8 +28,8 @@ def test_losses_at_step_0_where_the_policy_is_the_reference(tiny, tokenizer, los
     config = DPOConfig(loss=loss, batch_size=4)
     policy = build_policy(tiny, LoraSettings(top_layers=1))
     mb = minibatches(toy_pairs(4), tokenizer, config, "cpu")[0]
-    pi = sequence_logps(policy, mb, 1.0)[:2]
-    ref = sequence_logps(policy, mb, 1.0, reference=True)[:2]
+    pi = sequence_logps(policy, mb)[:2]
+    ref = sequence_logps(policy, mb, reference=True)[:2]
     kl = torch.zeros(()) if loss == "kto" else None
     assert preference_loss(config, pi, ref, kl).item() == pytest.approx(at_start, abs=1e-5)
 
@@ -47,8 +47,8 @@ def test_a_tiny_model_raises_its_margin_on_a_toy_preference(tiny, tokenizer, tmp
     unseen = Pairs(["Another one?", "And this?"], ["yes thank you"] * 2, ["no go away"] * 2, [False] * 2, [None] * 2)
     mb = minibatches(unseen, tokenizer, config, "cpu")[0]
     with torch.no_grad():
-        pi = sequence_logps(policy, mb, 1.0)[0]
-        ref = sequence_logps(policy, mb, 1.0, reference=True)[0]
+        pi = sequence_logps(policy, mb)[0]
+        ref = sequence_logps(policy, mb, reference=True)[0]
     margin = (pi[:2] - ref[:2]) - (pi[2:] - ref[2:])
     assert (margin > 0).all() and last["rewards/accuracy"] == 1.0
     assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
@@ -150,10 +150,27 @@ def test_training_forwards_run_with_dropout_off(tokenizer):
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
     policy.train()
     mb = minibatches(toy_pairs(4), tokenizer, DPOConfig(batch_size=4), "cpu")[0]
-    first, second = sequence_logps(policy, mb, 1.0)[0], sequence_logps(policy, mb, 1.0)[0]
+    first, second = sequence_logps(policy, mb)[0], sequence_logps(policy, mb)[0]
     assert first.requires_grad
     with torch.no_grad():
-        quiet = sequence_logps(policy, mb, 1.0)[0]
+        quiet = sequence_logps(policy, mb)[0]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first.detach(), quiet)
     assert not any(m.training for m in policy.modules())
+
+
+def test_preference_losses_score_log_probs_at_temperature_1(tiny, tokenizer, tmp_path):
+    """Sampling at 0.7 leaves the DPO family's log-probs at T = 1 (the DPO paper's and TRL's beta): the first step's
+    logged log-probs (the policy is still the base) are the base model's own, not those of logits / 0.7."""
+    config = DPOConfig(batch_size=4, epochs=1, temperature=0.7)
+    run = RunDir.create("dpo", config, str(tmp_path / "run"))
+    pairs = toy_pairs(4)
+    mb = minibatches(pairs, tokenizer, config, "cpu")[0]
+    with torch.no_grad():
+        logits = tiny(input_ids=torch.cat([mb.query_ids, mb.response_ids], 1),
+                      attention_mask=torch.cat([mb.query_mask, mb.response_mask], 1)).logits
+    train_dpo(config, run, pairs, base=tiny, tokenizer=tokenizer, console=None)
+    R = mb.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, -R - 1:-1], -1).gather(-1, mb.response_ids[..., None]).squeeze(-1)
+    chosen = float((logp * mb.response_mask)[:4].sum(-1).mean())
+    assert run.metrics()[0]["logps/chosen"] == pytest.approx(chosen, rel=1e-4)

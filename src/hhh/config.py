@@ -277,6 +277,8 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     sample_batch_size: int = Field(64, gt=0, description="completions sampled at once when building pairs")
     reward: str = Field("toxicity", description="reward spec that ranks the samples (and is reported in eval)")
     max_completion_tokens: int = Field(64, gt=1, description="completion tokens trained on (longer are cut)")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (pairs built here, evaluation); the "
+                                                      "preference losses take log-probs at T = 1, as the DPO paper")
     # loss
     loss: typing.Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")

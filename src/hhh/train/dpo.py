@@ -111,15 +111,18 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
     return out
 
 
-def sequence_logps(policy, mb: Minibatch, temperature: float, *, reference: bool = False,
-                   trunk: Tensor | None = None, keep_trunk: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(sum, mean) of log pi over each row's completion tokens, (2b,) each, and the trunk if kept."""
+def sequence_logps(policy, mb: Minibatch, *, reference: bool = False, trunk: Tensor | None = None,
+                   keep_trunk: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(sum, mean) of log pi over each row's completion tokens, (2b,) each, and the trunk if kept.
+
+    At temperature 1, whatever the sampling temperature: the DPO family's beta is defined on the model's own
+    log-probs (the DPO paper, TRL), and at T = 0.7 every sequence log-prob, and so the margin, would be rescaled."""
     args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
     if reference:
         with torch.no_grad(), policy.reference():
-            f = policy.forward_response(*args, temperature=temperature, values=False, trunk=trunk, keep_trunk=keep_trunk)
+            f = policy.forward_response(*args, temperature=1.0, values=False, trunk=trunk, keep_trunk=keep_trunk)
     else:
-        f = policy.forward_response(*args, temperature=temperature, values=False, trunk=trunk, keep_trunk=keep_trunk)
+        f = policy.forward_response(*args, temperature=1.0, values=False, trunk=trunk, keep_trunk=keep_trunk)
     mask = mb.response_mask.float()
     total = (f.logprobs * mask).sum(-1)
     return total, total / mask.sum(-1).clamp(min=1), f.trunk
@@ -167,11 +170,11 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     t0 = time.time()
     refs, trunks, kto_refs = [], [], []
     for mb in batches:
-        s, m, trunk = sequence_logps(policy, mb, config.temperature, reference=True, keep_trunk=True)
+        s, m, trunk = sequence_logps(policy, mb, reference=True, keep_trunk=True)
         refs.append((s, m))
         trunks.append(trunk)
         if mb.mismatched is not None:
-            kto_refs.append(sequence_logps(policy, mb.mismatched, config.temperature, reference=True)[0])
+            kto_refs.append(sequence_logps(policy, mb.mismatched, reference=True)[0])
     console.print(f"reference log-probs of {2 * len(pairs)} completions in {time.time() - t0:.0f} s")
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = linear_decay(optimizer, config.epochs * len(batches))
@@ -187,7 +190,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
                 kl = None
                 if mb.mismatched is not None:
                     with torch.no_grad():
-                        kl = L.kto_kl_baseline(sequence_logps(policy, mb.mismatched, config.temperature)[0], kto_refs[j])
+                        kl = L.kto_kl_baseline(sequence_logps(policy, mb.mismatched)[0], kto_refs[j])
                 # 4. policy log-probs of chosen and rejected, the loss; micro-batches of pairs accumulate
                 #    gradients weighted by their share (every loss is a mean over pairs or rows)
                 optimizer.zero_grad(set_to_none=True)
@@ -195,7 +198,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
                 for i in range(0, b, config.micro_batch_size):
                     pairs_i = slice(i, min(i + config.micro_batch_size, b))
                     idx, part = mb.rows(pairs_i)
-                    s, m, _ = sequence_logps(policy, part, config.temperature, trunk=None if trunks[j] is None else trunks[j][idx])
+                    s, m, _ = sequence_logps(policy, part, trunk=None if trunks[j] is None else trunks[j][idx])
                     ref = None if config.loss in NO_REFERENCE else (refs[j][0][idx], refs[j][1][idx])
                     share = (pairs_i.stop - pairs_i.start) / b
                     micro_loss = preference_loss(config, (s, m), ref, kl) * share
