@@ -174,3 +174,15 @@ def test_preference_losses_score_log_probs_at_temperature_1(tiny, tokenizer, tmp
     logp = torch.log_softmax(logits[:, -R - 1:-1], -1).gather(-1, mb.response_ids[..., None]).squeeze(-1)
     chosen = float((logp * mb.response_mask)[:4].sum(-1).mean())
     assert run.metrics()[0]["logps/chosen"] == pytest.approx(chosen, rel=1e-4)
+
+
+def test_simpo_has_the_papers_defaults():
+    """SimPO: beta 2 and gamma / beta 0.5 (Meng et al. 2024); the rest of the family keeps beta 0.1; a beta given wins,
+    and the margin follows it. At step 0 with mean log-probs m_w, m_l: -log sigma(2 (m_w - m_l) - 1)."""
+    simpo = DPOConfig(loss="simpo")
+    assert simpo.beta == 2.0 and simpo.simpo_gamma_ratio * simpo.beta == 1.0
+    assert DPOConfig().beta == 0.1 and DPOConfig(loss="ipo").beta == 0.1
+    assert DPOConfig(loss="simpo", beta=2.5).beta == 2.5
+    mean = torch.tensor([-1.0, -1.5])
+    loss = preference_loss(simpo, (mean * 3, mean), None)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(2 * 0.5 - 1)))), abs=1e-6)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hhh.models.spec import DEFAULT_MODEL
 
@@ -263,6 +263,9 @@ class RMEvalConfig(RMDataSettings):
     out: str | None = Field(None, description="run folder (default runs/rm-eval-TIMESTAMP)")
 
 
+DPO_BETA, SIMPO_BETA = 0.1, 2.0
+
+
 class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     # data
     data: str | None = Field(None, description="pairs: JSONL, hf:NAME[:SPLIT] or a preference store (db:PATH); "
@@ -282,10 +285,12 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     # loss
     loss: typing.Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")
-    beta: float = Field(0.1, gt=0, description="beta: KL strength of the DPO family (SimPO: reward scale, ~2)")
+    beta: float | None = Field(None, gt=0, description="beta: KL strength of the DPO family (default 0.1); SimPO: "
+                                                        "reward scale (default 2.0, the paper's range is 2-2.5)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability that a label is flipped")
     robust_eps: float = Field(0.1, ge=0, lt=0.5, description="robust DPO: known label-flip rate")
-    simpo_gamma: float = Field(1.0, ge=0, description="SimPO target margin")
+    simpo_gamma_ratio: float = Field(0.5, ge=0, description="SimPO target margin as a fraction of beta: gamma = "
+                                                             "ratio * beta (the paper's gamma/beta, ~0.5)")
     orpo_lambda: float = Field(0.1, ge=0, description="ORPO weight of the odds-ratio term")
     kto_lambda_d: float = Field(1.0, gt=0, description="KTO weight of desirable examples")
     kto_lambda_u: float = Field(1.0, gt=0, description="KTO weight of undesirable examples")
@@ -296,6 +301,15 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _beta_of_the_loss(cls, data: Any) -> Any:
+        # SimPO's beta scales a length-normalised reward with no reference: the paper's values (~2) are twenty
+        # times the DPO family's (0.1), so one shared default would be wrong for one of them.
+        if isinstance(data, dict) and data.get("beta") is None:
+            data = {**data, "beta": SIMPO_BETA if data.get("loss") == "simpo" else DPO_BETA}
+        return data
 
 
 class OnlineRLSettings(JobEvalSettings, GuardSettings, PolicyLoraSettings, GenerationSettings):

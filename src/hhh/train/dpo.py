@@ -135,7 +135,7 @@ def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Ten
     b = pi[0].shape[0] // 2
     pc, pr = pi[which][:b], pi[which][b:]
     if config.loss == "simpo":
-        return L.simpo_loss(pc, pr, beta=config.beta, gamma=config.simpo_gamma)
+        return L.simpo_loss(pc, pr, beta=config.beta, gamma=config.simpo_gamma_ratio * config.beta)
     if config.loss == "orpo":
         return L.orpo_loss(pc, pr, -pc, lam=config.orpo_lambda)
     rc, rr = ref[which][:b], ref[which][b:]
