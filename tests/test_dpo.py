@@ -186,3 +186,20 @@ def test_simpo_has_the_papers_defaults():
     mean = torch.tensor([-1.0, -1.5])
     loss = preference_loss(simpo, (mean * 3, mean), None)
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-(2 * 0.5 - 1)))), abs=1e-6)
+
+
+def test_kto_reference_point_pairs_every_example_with_the_next_ones_answer(tokenizer):
+    """Examples [(x0, c0), (x1, c1), (x2, c2), (x0, r0), (x1, r1), (x2, r2)], desirable and undesirable alike; the
+    mismatched set keeps the prompts and rotates the answers by one: c1, c2, r0, r1, r2, c0 (none answers its own
+    prompt), as the KTO paper estimates z0 on the whole microbatch."""
+    pairs = Pairs(["x0?", "x1?", "x2?"], ["c zero", "c one", "c two"], ["r zero", "r one", "r two"], [False] * 3,
+                  [None] * 3)
+    mb = minibatches(pairs, tokenizer, DPOConfig(loss="kto", batch_size=3, seed=0), "cpu")[0]
+    order = [tokenizer.decode(mb.response_ids[k][mb.response_mask[k].bool()][:-1]) for k in range(3)]
+    chosen_first = [pairs.chosen.index(c) for c in order]  # the minibatch's pair order (shuffled by the seed)
+    answers = [pairs.chosen[i] for i in chosen_first] + [pairs.rejected[i] for i in chosen_first]
+    mis = mb.mismatched
+    assert mis.query_ids.shape[0] == 6
+    got = [tokenizer.decode(mis.response_ids[k][mis.response_mask[k].bool()][:-1]) for k in range(6)]
+    assert got == answers[1:] + answers[:1]
+    torch.testing.assert_close(mis.query_ids, mb.query_ids)

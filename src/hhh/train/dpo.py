@@ -10,7 +10,7 @@
 
 Losses (hhh.losses): sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge, simpo, orpo, kto.
 IPO, SimPO and ORPO use per-token mean log-probs; the others sums. KTO takes each pair as one desirable and
-one undesirable example, with its reference point from completions paired with the next pair's prompt.
+one undesirable example, with its reference point from every example's prompt paired with the next one's answer.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Minibatch:
     query_mask: Tensor     # (2b, Q)
     response_ids: Tensor   # (2b, R) completion + EOS, right-padded
     response_mask: Tensor  # (2b, R) 1 on completion tokens and EOS
-    mismatched: Minibatch | None = None  # KTO: prompt i with completion of pair i+1 (its reference point)
+    mismatched: Minibatch | None = None  # KTO: (2b) rows, prompt of row k with the completion of row k+1 mod 2b
 
     @property
     def pairs(self) -> int:
@@ -104,9 +104,14 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
         b = pairs.take(order[i:i + config.batch_size])
         tensors = _tensors(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
         mismatched = None
-        if config.loss == "kto":  # y_{i+1} answering x_i: an estimate of KL(pi || ref) with no signal about x_i
-            shifted = b.chosen[1:] + b.chosen[:1]
-            mismatched = Minibatch(*_tensors(tokenizer, b.prompts, shifted, config.max_completion_tokens, device))
+        if config.loss == "kto":
+            # KTO's reference point [Ethayarajh24 sec. 4.1]: each of the 2b examples (x_k, y_k), desirable and
+            # undesirable alike, paired with the next example's completion y_{k+1 mod 2b}, an answer to another
+            # prompt: log pi - log ref on those estimates KL(pi || ref) with no signal about x_k. (With b = 1 the
+            # rotation pairs x_0 with its own other answer; TRL's rotation has the same limit.)
+            completions = b.chosen + b.rejected
+            shifted = completions[1:] + completions[:1]
+            mismatched = Minibatch(*_tensors(tokenizer, b.prompts * 2, shifted, config.max_completion_tokens, device))
         out.append(Minibatch(*tensors, mismatched=mismatched))
     return out
 
