@@ -78,3 +78,64 @@ def test_commands_as_a_user_runs_them(command, tiny_dir, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"hhh {command} --resume" not in proc.stdout and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _rollout(policy, tokenizer, n=8):
+    from hhh.rollout import sample
+
+    import torch
+
+    prompts = [f"prompt {i}" for i in range(n)]
+    return sample(policy.lm, tokenizer, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
+
+
+def test_rloo_updates_are_importance_weighted_against_the_old_policy(tokenizer):
+    """RLOO takes several optimizer steps per batch: its loss must see pi / pi_old. The same batch, advantages and
+    start, once with the true old log-probs and once with old log-probs 1 nat lower (every ratio e = 2.7, clipped):
+    the updates differ (REINFORCE without a ratio ignores pi_old and made them equal)."""
+    import torch
+
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.train.grpo import old_and_reference_logprobs, update
+    from hhh.train.loop import linear_decay
+
+    config = RLOOConfig(**{**TOY, "minibatch_size": 4, "micro_batch_size": 2, "max_grad_norm": 1e9})
+    changes = []
+    for shift in (0.0, 1.0):
+        policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
+        r = _rollout(policy, tokenizer)
+        old, ref, trunk = old_and_reference_logprobs(policy, r, config)
+        adv = torch.tensor([1.0, -1.0] * 4)
+        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+        stats = update(policy, opt, linear_decay(opt, 10), r, old - shift, ref, trunk, adv, config,
+                       torch.Generator().manual_seed(0))
+        changes.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in policy.named_parameters()
+                                  if p.requires_grad]))
+        assert (stats["policy/clipfrac"] > 0.4) == (shift > 0)
+    assert changes[0].abs().max() > 0 and not torch.allclose(changes[0], changes[1])
+
+
+def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):
+    """In bf16 the sampler's (KV-cache) log-probs are not the training forward's: the first ratio would not be 1.
+    The old log-probs then come from the training forward itself, so pi / pi_old = 1 exactly before any update."""
+    import torch
+
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.train.grpo import old_and_reference_logprobs
+
+    config = GRPOConfig(**{**TOY, "dtype": "bfloat16"})
+    policy = build_policy(hello_model(tokenizer).to(torch.bfloat16), LoraSettings(r=4, alpha=8))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    r = _rollout(policy, tokenizer)
+    old, _, trunk = old_and_reference_logprobs(policy, r, config)
+    with torch.no_grad():
+        new = policy.forward_response(r.query_ids, r.query_mask, r.response_ids, r.response_mask,
+                                      temperature=config.temperature, values=False, trunk=trunk).logprobs
+    mask = r.response_mask.bool()
+    assert torch.equal(old[mask], new[mask])

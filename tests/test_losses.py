@@ -23,7 +23,9 @@ from hhh.losses import (
     orpo_loss,
     ppo_policy_loss,
     reinforce_loss,
+    reinforce_pp_advantages,
     rloo_advantages,
+    rloo_loss,
     robust_dpo_loss,
     shaped_rewards,
     simpo_loss,
@@ -295,3 +297,44 @@ def test_reinforce_loss_by_hand():
     """Sequence log-probs -1 + -2 = -3 and -0.5 (second token masked); A = [1, -2]: -(1 * -3 + -2 * -0.5) / 2 = 1."""
     loss = reinforce_loss(t([[-1.0, -2.0], [-0.5, -9.0]]), t([1.0, -2.0]), t([[1.0, 1.0], [1.0, 0.0]]))
     assert loss.item() == pytest.approx(1.0)
+
+
+def test_reinforce_pp_advantages_by_hand():
+    """Two completions, 3 and 2 tokens; scores 1 and 0; per-token k1 KL [0.1, 0.2, 0.3] and [0.5, 0.5]; beta 1.
+    Return from token t = score - sum of the KL still to come:  [1 - 0.6, 1 - 0.5, 1 - 0.3] = [0.4, 0.5, 0.7] and
+    [0 - 1.0, 0 - 0.5] = [-1.0, -0.5]. Whitened over the 5 tokens: mean 0.02, squared deviations
+    0.1444 + 0.2304 + 0.4624 + 1.0404 + 0.2704 = 2.148, sample std sqrt(2.148 / 4) = 0.732803:
+    [0.518557, 0.655019, 0.927944, -1.391916, -0.709604] (and 0 on the padding)."""
+    mask = t([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    kl = t([[0.1, 0.2, 0.3], [0.5, 0.5, 9.0]])
+    adv = reinforce_pp_advantages(t([1.0, 0.0]), kl, mask, beta=1.0)
+    returns = [0.4, 0.5, 0.7, -1.0, -0.5]
+    mean = sum(returns) / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in returns) / 4)
+    expected = [(x - mean) / std for x in returns]
+    torch.testing.assert_close(adv, t([expected[:3], expected[3:] + [0.0]]), atol=1e-5, rtol=0)
+    assert expected[0] == pytest.approx(0.518557, abs=1e-5)
+    # beta = 0: every token of a completion carries its score; whitening is across tokens, so the 3-token
+    # completion weighs 3/5: returns [1, 1, 1, 0, 0], mean 0.6, std sqrt(0.3) -> 0.730297 and -1.095445
+    flat = reinforce_pp_advantages(t([1.0, 0.0]), kl, mask, beta=0.0)
+    torch.testing.assert_close(flat[0], t([0.730297] * 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat[1, :2], t([-1.095445] * 2), atol=1e-5, rtol=0)
+
+
+def test_rloo_loss_clips_and_matches_reinforce_on_policy():
+    """On-policy (ratio 1): loss -sum_i A_i * len_i / B, and the same gradient as REINFORCE's -A_i sum_t log pi.
+    Off-policy, A = 1 and ratio 1.5 on one token: clipped at 1.2 -> loss -1.2, clip fraction 1;
+    A = -1 and ratio 0.5: max(0.5, 0.8) = 0.8 (the clipped, pessimistic term)."""
+    logp = t([[-1.0, -2.0], [-0.5, -9.0]], requires_grad=True)
+    adv, mask = t([1.0, -2.0]), t([[1.0, 1.0], [1.0, 0.0]])
+    loss, clipfrac = rloo_loss(logp, logp.detach(), adv, mask)
+    assert loss.item() == pytest.approx(-(1 * 2 + -2 * 1) / 2) and clipfrac.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, logp)
+    (expected,) = torch.autograd.grad(reinforce_loss(logp, adv, mask), logp)
+    torch.testing.assert_close(grad, expected)
+    loss, clipfrac = rloo_loss(t([[math.log(1.5)]]), t([[0.0]]), t([1.0]), t([[1.0]]), clip=0.2)
+    assert loss.item() == pytest.approx(-1.2) and clipfrac.item() == 1.0
+    loss, _ = rloo_loss(t([[math.log(0.5)]]), t([[0.0]]), t([-1.0]), t([[1.0]]), clip=0.2)
+    assert loss.item() == pytest.approx(0.8)
+    half, _ = rloo_loss(logp[:1], logp[:1].detach(), adv[:1], mask[:1], n_seqs=2)
+    assert half.item() == pytest.approx(-1.0)  # a micro-batch's share of a 2-sequence minibatch

@@ -339,7 +339,10 @@ class GRPOConfig(OnlineRLSettings):
 class RLOOConfig(OnlineRLSettings):
     kl_coef: float = Field(0.05, ge=0, description="beta: KL(pi || ref) in nats subtracted from the reward")
     advantage: typing.Literal["rloo", "reinforce++"] = Field(
-        "rloo", description="leave-one-out baseline per group, or REINFORCE++ (batch-normalised, no baseline)")
+        "rloo", description="leave-one-out baseline per group, or REINFORCE++ (token-level KL-shaped return, "
+                            "whitened over the batch's tokens, no baseline)")
+    cliprange: float = Field(0.2, gt=0, description="importance-ratio clip (minibatches after the first are "
+                                                    "off-policy)")
     normalize_advantages: bool = Field(True, description="whiten the RLOO advantages over the batch")
     # The leave-one-out advantage is near 0 in groups that agree, so fewer samples carry signal than in GRPO,
     # whose per-group std division scales every group up: 1e-3 moved RLOO too little in 10 steps.

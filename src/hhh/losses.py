@@ -307,8 +307,19 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
 
 
 def global_whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
-    """REINFORCE++ [Hu25]: advantages normalised over the whole batch (not per prompt group)."""
+    """Sequence advantages (B,) normalised over the whole batch (not per prompt group)."""
     return (x - x.mean()) / (x.std() + eps) if x.numel() > 1 else x - x.mean()
+
+
+def reinforce_pp_advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float, gamma: float = 1.0) -> Tensor:
+    """REINFORCE++ [Hu25 eq. 8-10], token-level (B, T):
+        A_t = r(x, y) - beta * sum_{i >= t} KL_i      (gamma = 1; in general the discounted return of the shaped
+                                                       rewards -beta KL_i + r at the last token)
+    then whitened over every completion token of the batch (mean 0, std 1 across tokens, not sequences).
+    `kl` (B, T) is the per-token KL estimate of pi_old against the reference (k1 in the paper)."""
+    rewards = shaped_rewards(score, kl, mask, beta)
+    returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)  # V = 0, lambda = 1: the return
+    return masked_whiten(returns, mask)
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,
@@ -337,3 +348,19 @@ def reinforce_loss(logp: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
     """Sequence-level REINFORCE (RLOO [Ahmadian24]): -A_i * log pi(y_i | x), summed over the completion's tokens,
     mean over sequences. `advantages` (B,) already hold the KL-penalised reward minus the baseline."""
     return -(advantages * masked_sum(logp, mask, dim=-1)).mean()
+
+
+def rloo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *, clip: float = 0.2,
+              n_seqs: float | None = None) -> tuple[Tensor, Tensor]:
+    """RLOO with an importance ratio, for the optimizer steps after the first on one batch (the PPO-style variant
+    of [Ahmadian24], as TRL's RLOOTrainer): per token the clipped surrogate with the sequence advantage A_i,
+        l_t = max(-A_i r_t, -A_i clip(r_t, 1 - eps, 1 + eps)),  r_t = pi(y_t | .) / pi_old(y_t | .)
+    summed over the completion's tokens, mean over sequences. On-policy (r = 1) its gradient is REINFORCE's,
+    -A_i * grad sum_t log pi(y_t | .); off-policy the ratio corrects it and the clip bounds the step.
+    `n_seqs`: the minibatch's sequence count, so micro-batches add up to its mean. Returns (loss, clip fraction)."""
+    ratio = (logp - old_logp).exp()
+    adv = advantages[:, None]
+    unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip)
+    per_seq = masked_sum(torch.maximum(unclipped, clipped), mask, dim=-1)
+    loss = per_seq.sum() / (n_seqs if n_seqs is not None else logp.shape[0])
+    return loss, masked_mean((clipped > unclipped).float(), mask).detach()

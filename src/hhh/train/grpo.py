@@ -3,13 +3,15 @@
 Each step:
   1. rollout: G samples for each of the step's prompts from the policy
   2. score: reward function on (prompt, completion)
-  3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own,
-     recorded in step 1, so no second policy pass runs (the reference pass keeps the frozen trunk)
-  4. advantages, one per completion:
-       GRPO   (r - mean_group) / std_group, KL kept out of the reward (it is in the loss)
-       RLOO   r - beta * KL  minus the mean of the other G-1 samples of the prompt
-       REINFORCE++  r - beta * KL, normalised over the whole batch
-  5. update: GRPO clipped surrogate + beta * k3 KL, `epochs` passes; RLOO sequence-level REINFORCE, one pass
+  3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own in fp32,
+     recorded in step 1 (recomputed through the training forward in bf16/fp16); the reference pass keeps the
+     frozen trunk for the update
+  4. advantages:
+       GRPO   per completion, (r - mean_group) / std_group, KL kept out of the reward (it is in the loss)
+       RLOO   per completion, r - beta * KL  minus the mean of the other G-1 samples of the prompt
+       REINFORCE++  per token, r - beta * (KL still to come from that token), whitened over the batch's tokens
+  5. update: GRPO clipped surrogate + beta * k3 KL, `epochs` passes; RLOO sequence-level REINFORCE with a clipped
+     importance ratio, one pass (minibatches after the first are off-policy); REINFORCE++ the PPO clipped surrogate
   6. guards, log, held-out check and best checkpoint, checkpoint (resume as PPO)
 """
 
@@ -19,6 +21,7 @@ import math
 import time
 
 import torch
+from torch import Tensor
 
 from hhh import losses as L
 from hhh.config import GRPOConfig, OnlineRLSettings, RLOOConfig
@@ -39,37 +42,43 @@ from hhh.train.ppo import _chunks, held_out
 
 
 @torch.no_grad()
-def reference_forward(policy, r: Rollout, config: OnlineRLSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """3. reference log-probs (B, R) and the frozen trunk's output, in micro-batches.
+def old_and_reference_logprobs(policy, r: Rollout, config: OnlineRLSettings) -> tuple[Tensor, Tensor, Tensor | None]:
+    """3. old-policy log-probs (B, R), reference log-probs (B, R) and the frozen trunk's output, in micro-batches.
 
-    The trunk (layers below the first adapted one) is the same for reference and policy, so the update
-    passes reuse it and run only the adapted top layers."""
-    logps, trunks = [], []
+    The trunk (layers below the first adapted one) is the same for reference and policy, so the update passes
+    reuse it and run only the adapted top layers. In fp32 the sampler's log-probs (KV cache) equal a fresh forward
+    to ~1e-6 and serve as the old policy's; in bf16/fp16 they differ by up to ~5e-2, which would clip the first
+    ratio, so the old log-probs are then recomputed through the training forward (top layers only)."""
+    recompute = policy.lm.get_base_model().dtype != torch.float32
+    olds, refs, trunks = [], [], []
     for s in _chunks(len(r.prompts), config.micro_batch_size):
+        args = (r.query_ids[s], r.query_mask[s], r.response_ids[s], r.response_mask[s])
         with policy.reference():
-            f = policy.forward_response(r.query_ids[s], r.query_mask[s], r.response_ids[s], r.response_mask[s],
-                                        temperature=config.temperature, values=False, keep_trunk=True)
-        logps.append(f.logprobs)
+            f = policy.forward_response(*args, temperature=config.temperature, values=False, keep_trunk=True)
+        refs.append(f.logprobs)
         trunks.append(f.trunk)
-    return torch.cat(logps), (None if trunks[0] is None else torch.cat(trunks))
+        olds.append(policy.forward_response(*args, temperature=config.temperature, values=False, trunk=f.trunk).logprobs
+                    if recompute else r.logprobs[s])
+    return torch.cat(olds), torch.cat(refs), (None if trunks[0] is None else torch.cat(trunks))
 
 
-def advantages(config: OnlineRLSettings, score: torch.Tensor, kl_seq: torch.Tensor) -> torch.Tensor:
-    """4. one advantage per completion (B,), rows in groups of G."""
+def advantages(config: OnlineRLSettings, score: Tensor, kl: Tensor, mask: Tensor) -> Tensor:
+    """4. GRPO and RLOO: one advantage per completion (B,), rows in groups of G; REINFORCE++: one per token (B, R).
+    `kl` (B, R): per-token k1 KL of the old policy against the reference."""
     if isinstance(config, GRPOConfig):
         return L.grpo_advantages(score, config.group_size, scale=config.scale_rewards)
-    total = score - config.kl_coef * kl_seq
     if config.advantage == "reinforce++":
-        return L.global_whiten(total)
-    adv = L.rloo_advantages(total, config.group_size)
+        return L.reinforce_pp_advantages(score, kl, mask, config.kl_coef)
+    adv = L.rloo_advantages(score - config.kl_coef * (kl * mask).sum(-1), config.group_size)
     return L.global_whiten(adv) if config.normalize_advantages else adv
 
 
 def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, adv, config: OnlineRLSettings,
            generator: torch.Generator) -> dict[str, float]:
-    """5. GRPO: clipped surrogate + beta*k3 over `epochs` passes; RLOO: REINFORCE, one pass. Micro-batches
-    accumulate gradients weighted by their share of the minibatch. The policy's entropy is measured on the
-    way (mean over the passes, at the temperature)."""
+    """5. GRPO: clipped surrogate + beta*k3 over `epochs` passes. RLOO: REINFORCE with a clipped ratio (each optimizer
+    step after the first on a batch is off-policy). REINFORCE++: the PPO clipped surrogate on its token advantages.
+    Micro-batches accumulate gradients weighted by their share of the minibatch. The policy's entropy is measured on
+    the way (mean over the passes, at the temperature)."""
     mask = r.response_mask.float()
     params = policy.trainable_parameters()
     grpo = isinstance(config, GRPOConfig)
@@ -87,19 +96,25 @@ def update(policy, optimizer, scheduler, r: Rollout, old_logp, ref_logp, trunk, 
                                               temperature=config.temperature, values=False, entropy=True,
                                               entropy_grad=False,
                                               trunk=None if trunk is None else trunk[i])
-                share = len(i) / len(idx)
+                seq_share = len(i) / len(idx)
                 if grpo:
                     loss, clipfrac, _ = L.grpo_loss(new.logprobs, old_logp[i], ref_logp[i], adv[i], mask[i],
                                                     clip=config.cliprange, beta=config.beta,
                                                     aggregation=config.aggregation)
-                    if config.aggregation == "token":  # the minibatch's token mean, not a mean of micro means
-                        share = float(mask[i].sum() / mask[idx].sum())
+                    # "token": the minibatch's token mean, not a mean of micro-batch means
+                    share = float(mask[i].sum() / mask[idx].sum()) if config.aggregation == "token" else seq_share
+                    loss, clipfrac = loss * share, clipfrac * share
+                elif config.advantage == "reinforce++":
+                    loss, clipfrac, _ = L.ppo_policy_loss(new.logprobs, old_logp[i], adv[i], mask[i], config.cliprange,
+                                                          n_tokens=mask[idx].sum())
                 else:
-                    loss, clipfrac = L.reinforce_loss(new.logprobs, adv[i], mask[i]), torch.zeros(())
-                (loss * share).backward()
-                stats["loss/policy"] += float(loss.detach()) * share
-                stats["policy/clipfrac"] += float(clipfrac) * share
-                stats["policy/entropy"] += float(L.masked_mean(new.entropy, mask[i])) * len(i) / len(idx)
+                    loss, clipfrac = L.rloo_loss(new.logprobs, old_logp[i], adv[i], mask[i], clip=config.cliprange,
+                                                 n_seqs=len(idx))
+                    clipfrac = clipfrac * seq_share
+                loss.backward()
+                stats["loss/policy"] += float(loss.detach())
+                stats["policy/clipfrac"] += float(clipfrac)
+                stats["policy/entropy"] += float(L.masked_mean(new.entropy, mask[i])) * seq_share
             stats["grad_norm"] = clip_and_step(params, optimizer, scheduler, config.max_grad_norm)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -151,19 +166,19 @@ def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenize
                        temperature=config.temperature, generator=step_generator(config.seed, step, device))
             # 2. score
             score = reward.score(batch, r.texts).float().to(device)
-            # 3. reference log-probs; the sampler's log-probs are the old policy's
-            ref_logp, trunk = reference_forward(policy, r, config)
-            old_logp = r.logprobs
+            # 3. old-policy and reference log-probs
+            old_logp, ref_logp, trunk = old_and_reference_logprobs(policy, r, config)
             mask = r.response_mask.float()
-            kl_seq = (L.kl_per_token(old_logp, ref_logp, "k1") * mask).sum(-1)
+            kl_tok = L.kl_per_token(old_logp, ref_logp, "k1") * mask
+            kl_seq = kl_tok.sum(-1)
             # 4. advantages
-            adv = advantages(config, score, kl_seq)
+            adv = advantages(config, score, kl_tok, mask)
             # 5. update
             stats = update(policy, optimizer, scheduler, r, old_logp, ref_logp, trunk, adv, config,
                            step_generator(config.seed, step, "cpu", MINIBATCHES))
             # 6. bookkeeping
             m = {"step": step + 1, "reward/score": float(score.mean()), "reward/std": float(score.std()),
-                 "advantage/abs_mean": float(adv.abs().mean()), "kl/k1": float(kl_seq.mean()),
+                 "advantage/abs_mean": float(adv.abs().mean() if adv.dim() == 1 else L.masked_mean(adv.abs(), mask)), "kl/k1": float(kl_seq.mean()),
                  "kl/k3": float((L.kl_per_token(old_logp, ref_logp, "k3") * mask).sum(-1).mean()),
                  f"kl/{coef}": getattr(config, coef),
                  **stats, "lr": scheduler.get_last_lr()[0], "length/mean": float(r.lengths.float().mean()),
