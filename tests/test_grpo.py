@@ -81,9 +81,9 @@ def test_commands_as_a_user_runs_them(command, tiny_dir, tmp_path):
 
 
 def _rollout(policy, tokenizer, n=8):
-    from hhh.rollout import sample
-
     import torch
+
+    from hhh.rollout import sample
 
     prompts = [f"prompt {i}" for i in range(n)]
     return sample(policy.lm, tokenizer, prompts, max_new_tokens=6, generator=torch.Generator().manual_seed(0))
