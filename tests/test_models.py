@@ -71,7 +71,10 @@ def test_gguf_conversion_is_cached_and_matches_the_gguf_weights(tmp_path, monkey
 
     monkeypatch.setenv("HHH_HOME", str(tmp_path))
     gguf = resolve("bundled:smollm2-135m-instruct").location
+    rng = torch.random.get_rng_state()
     folder = spec_mod.convert_gguf(gguf, progress=False)
+    # a conversion inside a run leaves the run's random numbers where they were
+    assert torch.equal(torch.random.get_rng_state(), rng)
     assert folder.parent == tmp_path / "models"
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert not list((tmp_path / "models").glob("*.tmp-*")), "no temporary folder left behind"

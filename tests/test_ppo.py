@@ -229,3 +229,19 @@ def test_separate_critic_adapter_moves_in_a_real_ppo_step(tokenizer, tmp_path):
     policy_b = [p for n, p in result.policy.named_parameters() if ".default." in n and "lora_B" in n]
     assert critic_b and max(float(p.abs().max()) for p in critic_b) > 0, "the critic's LoRA never left its init"
     assert max(float(p.abs().max()) for p in policy_b) > 0
+
+
+def test_random_numbers_drawn_before_training_do_not_change_it(tokenizer, tmp_path):
+    """The first run after install converted the GGUF in-process, drawing from the global RNG, and then diverged from
+    every later run at step 2 (LoRA A came from that RNG). Now every initialisation has its own seeded stream:
+    training after unrelated random draws equals training without them, and another seed gives another init."""
+    def run(name, disturb, seed=0):
+        config = PPOConfig(**{**TOY, "steps": 2, "seed": seed, "out": str(tmp_path / name)})
+        base = hello_model(tokenizer)
+        if disturb:
+            torch.rand(12345)
+        train_ppo(config, RunDir.create("ppo", config, config.out), base=base, tokenizer=tokenizer)
+        return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in RunDir(config.out).metrics()]
+
+    assert run("quiet", False) == run("disturbed", True)
+    assert run("seed1", False, seed=1) != run("quiet2", False)

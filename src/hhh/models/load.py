@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,11 +97,22 @@ def lora_config(model, settings: LoraSettings):
     )
 
 
-def attach_lora(model, settings: LoraSettings):
-    """Wrap `model` in a fresh trainable LoRA adapter; the base weights stay frozen and shared."""
+@contextmanager
+def seeded_init(seed: int):
+    """Random initialisation drawn from `seed` alone: PEFT and torch initialise from the global RNG, which anything
+    earlier in the process (a GGUF conversion, an evaluation) may have advanced. The global state is restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def attach_lora(model, settings: LoraSettings, *, seed: int = 0):
+    """Wrap `model` in a fresh trainable LoRA adapter (A drawn from `seed`, B = 0); the base weights stay frozen
+    and shared."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, settings))
+    with seeded_init(seed):
+        return get_peft_model(model, lora_config(model, settings))
 
 
 def load_adapter(model, adapter: str | Path, *, trainable: bool = False, name: str = "default"):

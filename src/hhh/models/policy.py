@@ -201,21 +201,24 @@ class PolicyWithValue(nn.Module):
         self.value_head.load_state_dict(torch.load(folder / "value_head.pt", weights_only=True))
 
 
-def build_policy(base, lora, *, init_adapter: str | None = None, critic: str = "shared") -> PolicyWithValue:
+def build_policy(base, lora, *, seed: int = 0, init_adapter: str | None = None,
+                 critic: str = "shared") -> PolicyWithValue:
     """Wrap a base causal LM: fresh LoRA (reference = adapter disabled) or, from `init_adapter`, a
     trainable copy of that adapter plus a frozen one as the reference. critic="separate" adds a
-    second trainable adapter "critic" on the same base for the value function."""
-    from hhh.models.load import attach_lora, load_adapter, lora_config
+    second trainable adapter "critic" on the same base for the value function. Fresh adapters are
+    initialised from `seed` alone, whatever ran before in the process."""
+    from hhh.models.load import attach_lora, load_adapter, lora_config, seeded_init
 
     if critic not in ("shared", "separate"):
         raise ValueError(f"critic must be 'shared' or 'separate', got {critic!r}")
     if init_adapter is None:
-        lm = attach_lora(base, lora)
+        lm = attach_lora(base, lora, seed=seed)
     else:
         lm = load_adapter(base, init_adapter, trainable=True, name="default")
         lm = load_adapter(lm, init_adapter, trainable=False, name="reference")
     if critic == "separate":
-        lm.add_adapter("critic", lora_config(base, lora))
+        with seeded_init(seed + 1):  # another stream than the policy's adapter
+            lm.add_adapter("critic", lora_config(base, lora))
     lm.set_adapter("default")
     trainable = (".default.", ".critic.")
     for n, p in lm.named_parameters():

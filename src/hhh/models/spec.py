@@ -103,12 +103,17 @@ def convert_gguf(gguf: str | Path, *, progress: bool = True) -> Path:
 
     if progress:
         print(f"[hhh] converting {gguf.name} to {out} (once; later loads take under a second)")
+    import torch
+
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config)
+    # The loads draw throwaway random initial weights from the global RNG: converting in the same process as a
+    # run must not shift that run's random numbers (the first run after install diverged from later ones).
+    with torch.random.fork_rng(devices=[]):
+        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(quantized.state_dict(), strict=True)
     model.generation_config = quantized.generation_config
 

@@ -167,7 +167,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     from hhh.models.policy import build_policy
 
     console = console or Console(stderr=True)
-    policy = build_policy(base, config.lora())
+    policy = build_policy(base, config.lora(), seed=config.seed)
     device = next(policy.parameters()).device
     # 2. tokens, fixed minibatches
     batches = minibatches(pairs, tokenizer, config, device)

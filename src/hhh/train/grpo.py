@@ -137,7 +137,7 @@ def train_online(config: GRPOConfig | RLOOConfig, run: RunDir, *, base, tokenize
     val, train = prompts[len(prompts) - config.val_prompts:], prompts[: len(prompts) - config.val_prompts]
     reward = build_reward(config.reward, device=config.device)
     second = build_reward(config.second_scorer, device=config.device)
-    policy = build_policy(base, config.lora())
+    policy = build_policy(base, config.lora(), seed=config.seed)
     device = next(policy.parameters()).device
     batch_size = config.prompts_per_step * config.group_size
     updates = (config.epochs if isinstance(config, GRPOConfig) else 1) * math.ceil(batch_size / config.minibatch_size)

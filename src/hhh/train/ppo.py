@@ -140,7 +140,8 @@ def train_ppo(config: PPOConfig, run: RunDir, *, base=None, tokenizer=None, resu
     shaping = Shaped(base_reward, clip=clip, normalize=None if config.reward_normalize == "none" else config.reward_normalize)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model)
     base = base if base is not None else load_causal_lm(config.model, device=config.device, dtype=config.dtype)
-    policy = build_policy(base, config.lora(), init_adapter=config.init_adapter, critic=config.critic)
+    policy = build_policy(base, config.lora(), seed=config.seed, init_adapter=config.init_adapter,
+                          critic=config.critic)
     device = next(policy.parameters()).device
 
     updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.minibatch_size)
