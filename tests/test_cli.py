@@ -15,6 +15,8 @@ def test_eval_command_as_a_user_runs_it(tiny_dir, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
+    # no library warning a user cannot act on (transformers 5.2x warned on every decoding step's past_key_values)
+    assert "Warning" not in proc.stderr and "deprecated" not in proc.stderr, proc.stderr[-2000:]
     assert "toxicity mean" in proc.stdout and "fraction > 0.5" in proc.stdout
     assert json.loads((out / "eval.json").read_text())["redteam:eval"]["n"] == 4
     assert (out / "config.toml").read_text().count("max_new_tokens = 4") == 1

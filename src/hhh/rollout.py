@@ -72,6 +72,16 @@ def context_length(model) -> int:
 
 
 @torch.no_grad()
+def _cache_argument(model) -> str:
+    """The name under which this model's forward takes and returns the KV cache: `cache` since transformers 5.2x
+    (where `past_key_values` still works but warns on every call), `past_key_values` before and in models not
+    migrated yet."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
 def sample(
     model,
     tokenizer,
@@ -106,8 +116,9 @@ def sample(
 
     attn = query_mask
     pos = positions(attn)
+    cache_arg = _cache_argument(model)
     out = model(input_ids=query_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    past, logits = out[cache_arg], out.logits[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, logps_t1, live = [], [], [], []
     for _ in range(max_new_tokens):
@@ -128,10 +139,8 @@ def sample(
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
-        out = model(
-            input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True
-        )
-        past, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
+        past, logits = out[cache_arg], out.logits[:, -1]
     response_ids = torch.stack(tokens, 1)
     response_mask = torch.stack(live, 1).long()
     texts = tokenizer.batch_decode(

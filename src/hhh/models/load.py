@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hhh.models.spec import local_path
+from hhh.models.spec import local_path, quiet_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,14 +37,6 @@ def prepare_tokenizer(tokenizer):
     return tokenizer
 
 
-def _quiet_transformers() -> None:
-    # hhh draws its own progress; per-tensor "Loading weights" bars would drown it.
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
-
-
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -55,7 +47,7 @@ def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
     """Load a causal LM for training/eval: eval mode (dropout off), requested dtype and device."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(local_path(spec), dtype=DTYPES[dtype])

@@ -87,6 +87,14 @@ def _is_complete(folder: Path) -> bool:
     return all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
 
 
+def quiet_transformers() -> None:
+    # hhh draws its own progress; per-tensor "Loading weights" and "Writing model shards" bars would drown it.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def convert_gguf(gguf: str | Path, *, progress: bool = True) -> Path:
     """Convert a GGUF file once to an HF folder (safetensors + tokenizer); return the cached folder.
 
@@ -101,6 +109,7 @@ def convert_gguf(gguf: str | Path, *, progress: bool = True) -> Path:
         return out
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     if progress:
         print(f"[hhh] converting {gguf.name} to {out} (once; later loads take under a second)")
     import torch
