@@ -123,9 +123,9 @@ def build_reward_model(spec: str, *, lora: LoraSettings | None | bool = None, ma
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    from hhh.models.load import _quiet_transformers
+    from hhh.models.spec import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     path = backbone_path(spec)
     kind = "causal" if _is_causal(AutoConfig.from_pretrained(path)) else "encoder"
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -153,14 +153,14 @@ def load_reward_model(path: str | Path, *, device: str = "auto") -> RewardModel:
     """Load `hhh rm train`'s model from its run folder (or the run's model/ folder)."""
     from transformers import AutoModel, AutoTokenizer
 
-    from hhh.models.load import _quiet_transformers
+    from hhh.models.spec import quiet_transformers
 
     path = Path(path)
     folder = path / "model" if (path / "model" / "rm.json").is_file() else path
     if not (folder / "rm.json").is_file():
         raise FileNotFoundError(f"{path}: no reward model here (expected model/rm.json from `hhh rm train`)")
     meta = json.loads((folder / "rm.json").read_text())
-    _quiet_transformers()
+    quiet_transformers()
     source = backbone_path(meta["backbone"])
     tokenizer = AutoTokenizer.from_pretrained(source)
     if meta["kind"] == "causal":
