@@ -21,7 +21,9 @@ def setup(tmp_path):
     guideline.write_text("Be kind. Rank harmless answers first.")
     tokens = {name: store.add_labeler(name) for name in ("ann", "bob")}
     tokens["boss"] = store.add_labeler("boss", role="admin")
-    return store, TestClient(create_app(store, guideline=guideline)), tokens, guideline
+    # a browser sends its page's origin with every form post (the app refuses cross-origin posts)
+    client = TestClient(create_app(store, guideline=guideline), headers={"origin": "http://testserver"})
+    return store, client, tokens, guideline
 
 
 def bearer(token):
@@ -37,7 +39,7 @@ def test_pages_need_a_login_and_a_bad_token_is_refused(setup):
     assert client.get("/label", follow_redirects=False).headers["location"] == "/"
     assert client.get("/api/next").status_code == 401
     r = client.post("/login", data={"token": "nope"})
-    assert r.status_code == 401 and "unknown token" in r.text
+    assert r.status_code == 401 and "unknown or expired token" in r.text
     r = client.post("/login", data={"token": tokens["ann"]}, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/label"
 
@@ -144,8 +146,8 @@ def test_admin_sees_agreement_and_exports(setup):
 def test_a_malformed_form_is_a_clear_400(setup):
     _, client, tokens, _ = setup
     client.post("/login", data={"token": tokens["ann"]})
-    for data, message in (({"prompt_id": "x"}, "field 'prompt_id' must be an integer"),
+    for data, message in (({"prompt_id": "x"}, "field 'prompt_id' must be an integer from 1 to 2147483647"),
                           ({}, "field 'prompt_id' is required"),
-                          ({"prompt_id": "1", "edit": "abc"}, "field 'edit' must be an integer")):
+                          ({"prompt_id": "1", "edit": "abc"}, "field 'edit' must be an integer from 1 to 2147483647")):
         r = client.post("/label", data=data)
         assert r.status_code == 400 and r.json()["error"] == message

@@ -38,7 +38,7 @@ def test_label_in_the_browser_and_resume_after_a_restart(browser, tmp_path):
         page.goto(server.url)
         page.fill("#token", "wrong")
         page.click("#login")
-        assert "unknown token" in page.text_content("body")
+        assert "unknown or expired token" in page.text_content("body")
         page.fill("#token", token)
         page.click("#login")
         page.wait_for_url("**/label")

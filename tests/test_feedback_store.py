@@ -28,7 +28,7 @@ def labeler(store, name, role="labeler"):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current(store.url) == "0001"
+    assert current(store.url) == "0002"
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         if store.url.startswith("sqlite"):
@@ -41,6 +41,71 @@ def test_reopening_keeps_everything_and_does_not_migrate_twice(store):
     store.submit(ann, 1, [[1], [2], [3]], submission_id="s1")
     again = Store(store.url)
     assert again.counts() == {"prompts": 3, "completions": 9, "labelers": 1, "rankings": 1, "pairs": 3, "skips": 0}
+
+
+def test_a_store_at_revision_0001_upgrades_and_keeps_its_labels(tmp_path):
+    """A store made before sessions and token expiry: opening it migrates to 0002; old tokens keep working
+    (no expiry), and the new session table works."""
+    from hhh.feedback.migrations import upgrade
+
+    path = tmp_path / "old.db"
+    old = Store(path, migrate=False)
+    upgrade(old.url, "0001")
+    with old.engine.begin() as conn:
+        conn.execute(text("INSERT INTO labelers (name, role, token_hash, created_at) VALUES "
+                          "('ann', 'labeler', :h, '2026-11-01 00:00:00')"), {"h": __import__("hashlib").sha256(b"tok").hexdigest()})
+    store = Store(path)
+    assert current(store.url) == "0002"
+    ann = store.labeler_for_token("tok")
+    assert ann is not None and ann.name == "ann"
+    assert store.labeler_for_session(store.start_session(ann.id)).name == "ann"
+
+
+def test_tokens_expire_revoke_and_renew(store):
+    token = store.add_labeler("ann", days=-1)  # already expired
+    assert store.labeler_for_token(token) is None
+    token = store.new_token("ann")
+    ann = store.labeler_for_token(token)
+    session = store.start_session(ann.id)
+    assert store.labeler_for_session(session).name == "ann"
+    assert store.labeler_for_session(store.start_session(ann.id, hours=-1)) is None  # expired session
+    store.end_session(session)
+    assert store.labeler_for_session(session) is None
+    session = store.start_session(ann.id)
+    assert store.revoke_labeler("ann") == 1
+    assert store.labeler_for_token(token) is None and store.labeler_for_session(session) is None
+    with pytest.raises(StoreError, match="no labeler named 'bob'"):
+        store.revoke_labeler("bob")
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a\x00b", "x" * 201])
+def test_a_labeler_needs_a_printable_name(store, name):
+    with pytest.raises(StoreError, match="1 to 200 printable"):
+        store.add_labeler(name)
+    assert store.counts()["labelers"] == 0
+
+
+def test_a_new_sqlite_store_is_private_and_a_missing_one_is_not_created_for_reading(tmp_path):
+    import os
+    import stat
+
+    Store(tmp_path / "new.db")
+    assert stat.S_IMODE(os.stat(tmp_path / "new.db").st_mode) == 0o600
+    with pytest.raises(StoreError, match="no such store"):
+        Store(tmp_path / "typo.db", create=False)
+    assert not (tmp_path / "typo.db").exists()
+    with pytest.raises(StoreError, match="is a directory"):
+        Store(tmp_path)
+
+
+def test_error_messages_never_show_the_database_password():
+    from hhh.feedback.store import masked_url
+
+    url = "postgresql+psycopg://ann:s3cret@db.example:5432/fb"
+    assert masked_url(url) == "postgresql+psycopg://ann:***@db.example:5432/fb"
+    with pytest.raises(StoreError) as e:
+        Store("nosuchdriver+x://ann:s3cret@host/db")
+    assert "s3cret" not in str(e.value)
 
 
 def test_identical_prompts_and_completions_are_stored_once(store):

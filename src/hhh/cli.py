@@ -8,6 +8,7 @@ import typing
 from collections.abc import Callable
 
 from hhh.config import (
+    TOKEN_DAYS,
     ConfigError,
     DetoxConfig,
     DPOConfig,
@@ -133,9 +134,30 @@ def cmd_label_generate(args: argparse.Namespace) -> int:
 def cmd_label_add_labeler(args: argparse.Namespace) -> int:
     from hhh.feedback.store import Store
 
-    token = Store(args.db).add_labeler(args.name, role="admin" if args.admin else "labeler")
-    print(f"{'admin' if args.admin else 'labeler'} {args.name!r} added; token (shown once, keep it secret):")
+    days = None if args.days == 0 else args.days
+    token = Store(args.db).add_labeler(args.name, role="admin" if args.admin else "labeler", days=days)
+    valid = "no expiry" if days is None else f"valid {days:g} days"
+    print(f"{'admin' if args.admin else 'labeler'} {args.name!r} added; token ({valid}; shown once, keep it secret):")
     print(token)
+    return 0
+
+
+def cmd_label_new_token(args: argparse.Namespace) -> int:
+    from hhh.feedback.store import Store
+
+    days = None if args.days == 0 else args.days
+    token = Store(args.db, create=False).new_token(args.name, days=days)
+    print(f"new token for {args.name!r} ({'no expiry' if days is None else f'valid {days:g} days'}); the old one no "
+          "longer works:")
+    print(token)
+    return 0
+
+
+def cmd_label_revoke_labeler(args: argparse.Namespace) -> int:
+    from hhh.feedback.store import Store
+
+    ended = Store(args.db, create=False).revoke_labeler(args.name)
+    print(f"revoked {args.name!r}: their token no longer works; {ended} browser session(s) ended; their rankings stay")
     return 0
 
 
@@ -172,7 +194,7 @@ def cmd_label_export(args: argparse.Namespace) -> int:
     from hhh.feedback.io import export_jsonl
     from hhh.feedback.store import Store
 
-    n = export_jsonl(Store(args.db), args.out, args.format, ties=args.ties, source=args.source)
+    n = export_jsonl(Store(args.db, create=False), args.out, args.format, ties=args.ties, source=args.source)
     print(f"wrote {n} {args.format} to {args.out}")
     return 0
 
@@ -183,7 +205,7 @@ def cmd_label_stats(args: argparse.Namespace) -> int:
     from hhh.feedback.agreement import agreement
     from hhh.feedback.store import Store
 
-    store = Store(args.db)
+    store = Store(args.db, create=False)
     print(json.dumps({"counts": store.counts(), "agreement": agreement(store.rankings())}, indent=2))
     return 0
 
@@ -219,10 +241,15 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
 
 def _label_args(name: str, p: argparse.ArgumentParser) -> None:
     """Flags of the label commands that have no config class."""
-    if name in ("label add-labeler", "label import", "label export", "label stats"):
+    if name in ("label add-labeler", "label new-token", "label revoke-labeler", "label import", "label export",
+                "label stats"):
         p.add_argument("--db", default="feedback.db", help="preference store: SQLite file or SQLAlchemy URL")
-    if name == "label add-labeler":
+    if name in ("label add-labeler", "label new-token", "label revoke-labeler"):
         p.add_argument("name", help="labeler name (unique)")
+    if name in ("label add-labeler", "label new-token"):
+        p.add_argument("--days", type=float, default=TOKEN_DAYS, help=f"days the token is valid (0: no expiry; "
+                                                                        f"default {TOKEN_DAYS:g})")
+    if name == "label add-labeler":
         p.add_argument("--admin", action="store_true", help="may see agreement statistics and export")
     if name == "label import":
         p.add_argument("file", help="JSONL of pairs (prompt/chosen/rejected, or HH-RLHF transcripts) or rankings")
@@ -252,6 +279,10 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
     "label add-labeler": ("create a labeler (or admin) and print their login token", None, cmd_label_add_labeler),
+    "label new-token": ("give a labeler a fresh token (after expiry or a leak); the old one stops working", None,
+                        cmd_label_new_token),
+    "label revoke-labeler": ("revoke a labeler's token and end their browser sessions (their rankings stay)", None,
+                             cmd_label_revoke_labeler),
     "label serve": ("run the labeling web app", LabelServeConfig, cmd_label_serve),
     "label auto": ("rank completions with an AI judge (any reward spec), marked as AI labels",
                    LabelAutoConfig, cmd_label_auto),
@@ -298,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hhh {args.command_name}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a directory given as a file, no permission...: say which path, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"hhh {args.command_name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hhh {args.command_name}: interrupted", file=sys.stderr)

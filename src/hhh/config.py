@@ -211,6 +211,10 @@ class LabelGenerateConfig(GenerationSettings):
     temperature: float = Field(0.9, gt=0, description="sampling temperature")
 
 
+# Labelers' own tokens and browser sessions expire after these (days, hours); hhh label new-token renews a token.
+TOKEN_DAYS, SESSION_HOURS = 90.0, 12.0
+
+
 class LabelAutoConfig(Settings):
     db: str = Field("feedback.db", description="preference store: SQLite file or SQLAlchemy URL")
     reward: str = Field("toxicity + 0.25*sentiment", description="reward spec that ranks completions (higher first)")

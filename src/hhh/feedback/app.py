@@ -10,17 +10,22 @@ A ranking is saved in one committed transaction before the page or the API says 
 """
 
 
+import ipaddress
+import json
+import sys
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field
 
+from hhh.config import SESSION_HOURS
 from hhh.feedback.agreement import agreement
 from hhh.feedback.io import export_lines
 from hhh.feedback.rankings import tiers_from_ranks
@@ -31,17 +36,93 @@ DEFAULT_GUIDELINE = HERE / "guideline.md"
 COOKIE = "hhh_token"
 
 
+# Limits checked at the edge, before any lock or transaction. Ids are database integers: PostgreSQL's INTEGER
+# holds at most 2^31 - 1 (SQLite's 2^63 - 1); a larger number is a 422, not a driver overflow.
+ID_MAX = 2**31 - 1
+MAX_COMPLETIONS = 256  # per prompt, far above any K a person can rank
+MAX_BODY = 64 * 1024  # bytes of one request body (a full ranking of 256 ids is ~3 KB)
+DbId = Annotated[int, Field(ge=1, le=ID_MAX)]
+
+
 class RankingIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    prompt_id: int = Field(description="prompt whose completions are ranked")
-    submission_id: str = Field(min_length=1, max_length=64, description="client-made id; a resend is refused")
-    ranking: list[list[int]] = Field(description="tiers of completion ids, best first; one tier = a tie")
-    unsafe: list[int] = Field([], description="completion ids flagged unsafe")
+    prompt_id: DbId = Field(description="prompt whose completions are ranked")
+    submission_id: str = Field(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$",
+                               description="client-made id (printable ASCII); a resend is refused")
+    ranking: list[Annotated[list[DbId], Field(min_length=1, max_length=MAX_COMPLETIONS)]] = Field(
+        min_length=1, max_length=MAX_COMPLETIONS, description="tiers of completion ids, best first; one tier = a tie")
+    unsafe: list[DbId] = Field([], max_length=MAX_COMPLETIONS, description="completion ids flagged unsafe")
 
 
 class SkipIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    prompt_id: int
+    prompt_id: DbId
+
+
+def form_id(value: object, name: str) -> int | None:
+    """An id from a form field: ASCII digits only ('²'.isdigit() is True, int('²') fails) and within ID_MAX."""
+    text = str(value or "").strip()
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()) or len(text) > 10 or not 0 < int(text) <= ID_MAX:
+        raise StoreError(f"field {name!r} must be an integer from 1 to {ID_MAX}")
+    return int(text)
+
+
+class EdgeGuard:
+    """Pure ASGI middleware, before any route: refuses bodies over MAX_BODY bytes (413) however they are sent, and
+    state-changing requests authenticated by the cookie that come from another origin (403). SameSite cookies do
+    not help here: another app on 127.0.0.1 at another port is same-site. A Bearer token is no ambient credential,
+    so API calls that carry one are not checked for origin."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not headers.get("content-length", "0").isdigit() or int(headers.get("content-length", "0")) > MAX_BODY:
+            return await _refuse(send, 413, f"request body over {MAX_BODY} bytes")
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE") and not headers.get("authorization", "").lower() \
+                .startswith("bearer "):
+            origin = headers.get("origin") or _origin_of(headers.get("referer", ""))
+            own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
+            if origin != own:
+                return await _refuse(send, 403, f"cross-origin form post refused (origin {origin or 'missing'!r}, "
+                                                f"expected {own!r})")
+        seen, refused = 0, False
+
+        async def limited_receive():
+            # A chunked body carries no content-length: count it as it arrives; past the limit answer 413 at once
+            # and tell the app the client went away, so that it stops reading and nothing reaches the store.
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY and not refused:
+                refused = True
+                await _refuse(send, 413, f"request body over {MAX_BODY} bytes")
+            return {"type": "http.disconnect"} if refused else message
+
+        async def app_send(message):
+            if not refused:  # after our 413 the app's own answer has nowhere to go
+                await send(message)
+
+        await self.app(scope, limited_receive, app_send)
+
+
+def _origin_of(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
+
+
+async def _refuse(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _one_line(err: RequestValidationError) -> str:
@@ -59,6 +140,7 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     app = FastAPI(title="hhh labeling", docs_url="/api/docs", openapi_url="/api/openapi.json")
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
+    app.add_middleware(EdgeGuard)
     app.state.store = store
 
     @app.exception_handler(RequestValidationError)
@@ -71,8 +153,10 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
 
     def labeler_or_none(request: Request) -> Labeler | None:
         auth = request.headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else request.cookies.get(COOKIE)
-        return store.labeler_for_token(token) if token else None
+        if auth.lower().startswith("bearer "):
+            return store.labeler_for_token(auth[7:].strip())
+        session = request.cookies.get(COOKIE)
+        return store.labeler_for_session(session) if session else None
 
     def labeler(request: Request) -> Labeler:
         found = labeler_or_none(request)
@@ -111,16 +195,20 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
         return page(request, "login.html")
 
     @app.post("/login")
-    def login(request: Request, token: Annotated[str, Form()]) -> Response:
+    def login(request: Request, token: Annotated[str, Form(max_length=200)]) -> Response:
         who = store.labeler_for_token(token.strip())
         if who is None:
-            return page(request, "login.html", 401, error="unknown token")
+            return page(request, "login.html", 401, error="unknown or expired token")
         response = RedirectResponse("/admin" if who.role == "admin" else "/label", status_code=303)
-        response.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict")
+        # The cookie holds a session of its own (expires, ends at logout), never the labeler's token.
+        response.set_cookie(COOKIE, store.start_session(who.id), httponly=True, samesite="strict",
+                            max_age=int(SESSION_HOURS * 3600), secure=request.url.scheme == "https")
         return response
 
     @app.post("/logout")
-    def logout() -> Response:
+    def logout(request: Request) -> Response:
+        if session := request.cookies.get(COOKIE):
+            store.end_session(session)
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(COOKIE)
         return response
@@ -130,7 +218,8 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
         return label_page(request, who, store.next_item(who.id, overlap=overlap), saved=saved)
 
     @app.get("/label/{prompt_id}", response_class=HTMLResponse)
-    def item_page(request: Request, prompt_id: int, who: Annotated[Labeler, Depends(labeler)]) -> Response:
+    def item_page(request: Request, prompt_id: Annotated[int, PathParam(ge=1, le=ID_MAX)],
+                  who: Annotated[Labeler, Depends(labeler)]) -> Response:
         item = store.item(prompt_id)
         mine = [r for r in store.rankings(labeler_id=who.id) if r["prompt_id"] == prompt_id]
         if not mine:
@@ -140,25 +229,18 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
 
     @app.post("/label", response_class=HTMLResponse)
     async def submit_form(request: Request, who: Annotated[Labeler, Depends(labeler)]) -> Response:
-        form = await request.form()
-        def integer(name: str) -> int | None:
-            value = str(form.get(name, "") or "").strip()
-            if not value:
-                return None
-            if not value.isdigit():
-                raise StoreError(f"field {name!r} must be an integer")
-            return int(value)
-
-        prompt_id, edit = integer("prompt_id"), integer("edit")
+        form = await request.form(max_fields=4 * MAX_COMPLETIONS)
+        prompt_id, edit = form_id(form.get("prompt_id"), "prompt_id"), form_id(form.get("edit"), "edit")
         if prompt_id is None:
             raise StoreError("field 'prompt_id' is required")
         item = store.item(prompt_id)
         ranks: dict[int, int] = {}
         for c in item["completions"]:
-            value = str(form.get(f"rank_{c['id']}", "")).strip()
-            if value.isdigit() and int(value) > 0:
-                ranks[c["id"]] = int(value)
-        unsafe = [int(str(v)) for v in form.getlist("unsafe") if str(v).isdigit()]
+            rank = form_id(form.get(f"rank_{c['id']}"), f"rank_{c['id']}")
+            if rank is not None:
+                ranks[c["id"]] = rank
+        unsafe = [form_id(v, "unsafe") for v in form.getlist("unsafe")[:MAX_COMPLETIONS]]
+        unsafe = [u for u in unsafe if u is not None]
         try:
             if len(ranks) < len(item["completions"]):
                 raise StoreError(f"give every completion a rank ({len(ranks)} of {len(item['completions'])} ranked)")
@@ -169,7 +251,7 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
         return RedirectResponse(f"/label?saved={ranking_id}", status_code=303)
 
     @app.post("/skip")
-    def skip_form(prompt_id: Annotated[int, Form()], who: Annotated[Labeler, Depends(labeler)]) -> Response:
+    def skip_form(prompt_id: Annotated[int, Form(ge=1, le=ID_MAX)], who: Annotated[Labeler, Depends(labeler)]) -> Response:
         store.skip(who.id, prompt_id)
         return RedirectResponse("/label", status_code=303)
 
@@ -200,7 +282,8 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
         return {"ranking_id": rid}
 
     @app.put("/api/rankings/{ranking_id}")
-    def api_edit(ranking_id: int, body: RankingIn, who: Annotated[Labeler, Depends(labeler)]) -> dict[str, int]:
+    def api_edit(ranking_id: Annotated[int, PathParam(ge=1, le=ID_MAX)], body: RankingIn,
+                 who: Annotated[Labeler, Depends(labeler)]) -> dict[str, int]:
         rid = store.submit(who.id, body.prompt_id, body.ranking, unsafe=body.unsafe, submission_id=body.submission_id,
                            edit=ranking_id)
         return {"ranking_id": rid}
@@ -242,5 +325,18 @@ def serve(db: str, *, host: str = "127.0.0.1", port: int = 8000, guideline: str 
     import uvicorn
 
     app = create_app(db, guideline=guideline, overlap=overlap)
-    print(f"hhh label serve: http://{host}:{port}/  (store: {app.state.store.url})", flush=True)
+    print(f"hhh label serve: http://{host}:{port}/  (store: {app.state.store.display_url})", flush=True)
+    if not is_loopback(host):
+        print(f"warning: serving plain HTTP on {host}, reachable from other machines: tokens and rankings cross the "
+              "network unencrypted. Put a TLS proxy in front (see README, 'Serving beyond this machine') or use "
+              "--host 127.0.0.1.", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

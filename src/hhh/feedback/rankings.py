@@ -10,6 +10,7 @@ no order is invented for them.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,21 +27,33 @@ class PairOutcome:
 
 
 def check_tiers(tiers: Sequence[Sequence[int]], expected: Iterable[int]) -> list[list[int]]:
-    """Validate tiers against the completion ids of the prompt; returns them as lists of ints."""
+    """Validate tiers against the completion ids of the prompt; returns them as lists of ints.
+
+    Linear in the size of the ranking, and a ranking far longer than the prompt's K completions is refused before
+    its ids are looked at: the cost is bounded by K whatever a client sends. (A few ids too many still get the
+    detailed message naming the repeated and unknown ones.)"""
+    expected = sorted(expected)
+    limit = 2 * len(expected) + 8
     if not isinstance(tiers, Sequence) or isinstance(tiers, str) or not tiers:
         raise RankingError("ranking must be a non-empty list of tiers (lists of completion ids), best first")
+    if len(tiers) > limit:
+        raise RankingError(f"ranking has {len(tiers)} tiers for {len(expected)} completions")
     out: list[list[int]] = []
+    size = 0
     for i, tier in enumerate(tiers):
         if isinstance(tier, str) or not isinstance(tier, Sequence) or not tier:
             raise RankingError(f"ranking tier {i} must be a non-empty list of completion ids")
+        size += len(tier)
+        if size > limit:
+            raise RankingError(f"ranking lists over {limit} ids for the prompt's {len(expected)} completions")
         if not all(isinstance(c, int) and not isinstance(c, bool) for c in tier):
-            raise RankingError(f"ranking tier {i} holds something that is not a completion id: {list(tier)!r}")
+            raise RankingError(f"ranking tier {i} holds something that is not a completion id: {list(tier)[:8]!r}")
         out.append([int(c) for c in tier])
     seen = [c for tier in out for c in tier]
-    expected = sorted(expected)
-    repeated = sorted({c for c in seen if seen.count(c) > 1})
-    missing = sorted(set(expected) - set(seen))
-    unknown = sorted(set(seen) - set(expected))
+    counts = Counter(seen)
+    repeated = sorted(c for c, n in counts.items() if n > 1)
+    missing = sorted(set(expected) - counts.keys())
+    unknown = sorted(counts.keys() - set(expected))
     if repeated or missing or unknown:
         parts = [f"{name} {ids}" for name, ids in (("repeated", repeated), ("missing", missing), ("unknown", unknown)) if ids]
         raise RankingError(f"ranking must list each of completions {expected} exactly once: " + ", ".join(parts))

@@ -12,10 +12,11 @@ lock upgrade. The schema is created and upgraded by the Alembic migrations in `m
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import ArgumentError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
-from hhh.feedback.rankings import check_tiers, tiers_to_pairs
+from hhh.config import SESSION_HOURS, TOKEN_DAYS
+from hhh.feedback.rankings import RankingError, check_tiers, tiers_to_pairs
 
 
 def _now() -> datetime:
@@ -47,6 +49,17 @@ def _now() -> datetime:
 def text_hash(text: str) -> str:
     """Unique keys on long text are index-size trouble in PostgreSQL; rows are keyed by this instead."""
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _expiry(days: float | None) -> datetime | None:
+    return None if days is None else _now() + timedelta(days=days)
+
+
+def _labeler_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > 200 or not name.isprintable():
+        raise StoreError("a labeler name must be 1 to 200 printable characters")
+    return name
 
 
 class Base(DeclarativeBase):
@@ -82,8 +95,22 @@ class Labeler(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     role: Mapped[str] = mapped_column(String(20))  # "labeler", "admin" or "ai"
-    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)  # sha256 of the token; None for AI
+    # sha256 of the token; None for AI labelers and once revoked
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    token_expires_at: Mapped[datetime | None] = mapped_column(DateTime)  # None: never
     created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class LoginSession(Base):
+    """A browser's login: the cookie holds this session's random token, never the labeler's own token, so that
+    logging out (or revoking the labeler) ends it at once, and it expires on its own."""
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Ranking(Base):
@@ -139,6 +166,25 @@ def database_url(db: str) -> str:
     return db if "://" in db else f"sqlite:///{Path(db).expanduser()}"
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password shown as ***, for banners, logs and error messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def _sqlite_file(url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+
+
 def _sqlite_engine(url: str, *, immediate: bool):
     engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
@@ -159,8 +205,20 @@ def _sqlite_engine(url: str, *, immediate: bool):
 
 
 class Store:
-    def __init__(self, db: str | Path, *, migrate: bool = True) -> None:
+    def __init__(self, db: str | Path, *, migrate: bool = True, create: bool = True) -> None:
+        """create=False: a SQLite file that does not exist is an error (commands that only read or export must not
+        leave an empty store behind a typo). A new SQLite file is made readable by its owner only (0600)."""
         self.url = database_url(str(db))
+        if self.url.startswith("sqlite") and (path := _sqlite_file(self.url)) is not None:
+            if path.is_dir():
+                raise StoreError(f"database {path}: is a directory, not a SQLite file")
+            if not path.exists():
+                if not create:
+                    raise StoreError(f"database {path}: no such store (create one with hhh label generate or "
+                                     "hhh label import)", 404)
+                if not path.parent.is_dir():
+                    raise StoreError(f"database {path}: folder {path.parent} does not exist")
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # SQLite gives -wal and -shm the same mode
         try:
             if self.url.startswith("sqlite"):
                 self.engine = _sqlite_engine(self.url, immediate=False)
@@ -168,16 +226,20 @@ class Store:
             else:
                 self.engine = self.write_engine = create_engine(self.url, pool_pre_ping=True)
         except ModuleNotFoundError as e:
-            raise StoreError(f"database {self.url}: its driver {e.name!r} is not installed "
+            raise StoreError(f"database {masked_url(self.url)}: its driver {e.name!r} is not installed "
                              "(PostgreSQL: pip install 'psycopg[binary]')") from None
         except ArgumentError as e:
-            raise StoreError(f"database {db}: {e}") from None
+            raise StoreError(f"database {masked_url(str(db))}: {e}") from None
         self._read = sessionmaker(self.engine, expire_on_commit=False)
         self._write = sessionmaker(self.write_engine, expire_on_commit=False)
         if migrate:
             from hhh.feedback.migrations import upgrade
 
             upgrade(self.url)
+
+    @property
+    def display_url(self) -> str:
+        return masked_url(self.url)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -234,17 +296,59 @@ class Store:
 
     # --- labelers --------------------------------------------------------------------------------
 
-    def add_labeler(self, name: str, *, role: str = "labeler") -> str | None:
-        """Create a labeler; returns their token (shown once: only its hash is stored). AI labelers have none."""
+    def add_labeler(self, name: str, *, role: str = "labeler", days: float | None = TOKEN_DAYS) -> str | None:
+        """Create a labeler; returns their token (shown once: only its hash is stored), valid for `days` (None:
+        no expiry). AI labelers have none."""
         if role not in ("labeler", "admin", "ai"):
             raise StoreError(f"role must be labeler, admin or ai, got {role!r}")
+        name = _labeler_name(name)
         token = None if role == "ai" else secrets.token_urlsafe(24)
         try:
             with self.write() as s:
-                s.add(Labeler(name=name, role=role, token_hash=text_hash(token) if token else None))
+                s.add(Labeler(name=name, role=role, token_hash=text_hash(token) if token else None,
+                              token_expires_at=_expiry(days) if token else None))
         except IntegrityError:
             raise StoreError(f"a labeler named {name!r} already exists", 409) from None
         return token
+
+    def new_token(self, name: str, *, days: float | None = TOKEN_DAYS) -> str:
+        """A fresh token for a labeler (after expiry, revocation or a leak); the old one stops working."""
+        token = secrets.token_urlsafe(24)
+        with self.write() as s:
+            labeler = s.scalar(select(Labeler).where(Labeler.name == name))
+            if labeler is None or labeler.role == "ai":
+                raise StoreError(f"no human labeler named {name!r}", 404)
+            labeler.token_hash, labeler.token_expires_at = text_hash(token), _expiry(days)
+            s.execute(LoginSession.__table__.delete().where(LoginSession.labeler_id == labeler.id))
+        return token
+
+    def revoke_labeler(self, name: str) -> int:
+        """The labeler's token stops working and every browser session of theirs ends at once (their rankings
+        stay); returns how many sessions were ended."""
+        with self.write() as s:
+            labeler = s.scalar(select(Labeler).where(Labeler.name == name))
+            if labeler is None:
+                raise StoreError(f"no labeler named {name!r}", 404)
+            labeler.token_hash, labeler.token_expires_at = None, None
+            return s.execute(LoginSession.__table__.delete().where(LoginSession.labeler_id == labeler.id)).rowcount
+
+    def start_session(self, labeler_id: int, *, hours: float = SESSION_HOURS) -> str:
+        """A browser session for a logged-in labeler; returns its token (for the cookie; only its hash is kept)."""
+        token = secrets.token_urlsafe(32)
+        with self.write() as s:
+            s.execute(LoginSession.__table__.delete().where(LoginSession.expires_at < _now()))
+            s.add(LoginSession(labeler_id=labeler_id, token_hash=text_hash(token),
+                               expires_at=_now() + timedelta(hours=hours)))
+        return token
+
+    def labeler_for_session(self, token: str) -> Labeler | None:
+        with self.read() as s:
+            return s.scalar(select(Labeler).join(LoginSession, LoginSession.labeler_id == Labeler.id)
+                            .where(LoginSession.token_hash == text_hash(token), LoginSession.expires_at > _now()))
+
+    def end_session(self, token: str) -> None:
+        with self.write() as s:
+            s.execute(LoginSession.__table__.delete().where(LoginSession.token_hash == text_hash(token)))
 
     def ai_labeler(self, name: str) -> int:
         with self.write() as s:
@@ -259,8 +363,12 @@ class Store:
             return labeler.id
 
     def labeler_for_token(self, token: str) -> Labeler | None:
+        """The labeler whose own (unexpired, unrevoked) token this is."""
         with self.read() as s:
-            return s.scalar(select(Labeler).where(Labeler.token_hash == text_hash(token)))
+            found = s.scalar(select(Labeler).where(Labeler.token_hash == text_hash(token)))
+        if found is None or (found.token_expires_at is not None and found.token_expires_at <= _now()):
+            return None
+        return found
 
     def labeler_id(self, name: str) -> int:
         with self.read() as s:
@@ -280,27 +388,26 @@ class Store:
         """
         if not submission_id or len(submission_id) > 64:
             raise StoreError("submission_id must be 1 to 64 characters")
+        # Everything that depends only on the request is checked before the write lock is taken: a bad or huge
+        # ranking must not hold up another labeler's save.
+        with self.read() as s:
+            ids = self._completion_ids(s, prompt_id)
+        checked, unsafe = self._check_ranking(prompt_id, tiers, unsafe, ids)
         try:
             with self.write() as s:
-                prompt = s.get(Prompt, prompt_id)
-                if prompt is None:
-                    raise StoreError(f"no prompt with id {prompt_id}", 404)
-                ids = [c.id for c in prompt.completions]
-                checked = check_tiers(tiers, ids)
-                bad = sorted(set(unsafe) - set(ids))
-                if bad:
-                    raise StoreError(f"unsafe flags name completions {bad} that are not completions of prompt {prompt_id}")
+                if self._completion_ids(s, prompt_id) != ids:  # completions were added meanwhile
+                    checked, unsafe = self._check_ranking(prompt_id, tiers, unsafe, self._completion_ids(s, prompt_id))
                 if s.scalar(select(Ranking.id).where(Ranking.submission_id == submission_id)) is not None:
                     raise StoreError(f"duplicate submission {submission_id!r}: it was already saved", 409)
                 if edit is None:
                     ranking = Ranking(prompt_id=prompt_id, labeler_id=labeler_id, submission_id=submission_id,
-                                      tiers=checked, unsafe=sorted(set(unsafe)))
+                                      tiers=checked, unsafe=unsafe)
                     s.add(ranking)
                 else:
                     ranking = s.get(Ranking, edit)
                     if ranking is None or ranking.labeler_id != labeler_id or ranking.prompt_id != prompt_id:
                         raise StoreError(f"you have no ranking {edit} of prompt {prompt_id}", 404)
-                    ranking.tiers, ranking.unsafe = checked, sorted(set(unsafe))
+                    ranking.tiers, ranking.unsafe = checked, unsafe
                     ranking.submission_id, ranking.revision, ranking.updated_at = submission_id, ranking.revision + 1, _now()
                     ranking.pairs.clear()
                 self.add_pairs(s, ranking, margin=margin)
@@ -316,6 +423,27 @@ class Store:
             if isinstance(e, StoreError):
                 raise
             raise StoreError(str(e)) from None
+
+    @staticmethod
+    def _completion_ids(session: Session, prompt_id: int) -> list[int]:
+        if session.get(Prompt, prompt_id) is None:
+            raise StoreError(f"no prompt with id {prompt_id}", 404)
+        return list(session.scalars(select(Completion.id).where(Completion.prompt_id == prompt_id)
+                                    .order_by(Completion.id)))
+
+    @staticmethod
+    def _check_ranking(prompt_id: int, tiers: Sequence[Sequence[int]], unsafe: Sequence[int],
+                       ids: list[int]) -> tuple[list[list[int]], list[int]]:
+        try:
+            checked = check_tiers(tiers, ids)
+        except RankingError as e:
+            raise StoreError(str(e)) from None
+        if len(unsafe) > len(ids) or not all(isinstance(c, int) and not isinstance(c, bool) for c in unsafe):
+            raise StoreError(f"unsafe flags must be at most {len(ids)} completion ids of prompt {prompt_id}")
+        bad = sorted(set(unsafe) - set(ids))
+        if bad:
+            raise StoreError(f"unsafe flags name completions {bad} that are not completions of prompt {prompt_id}")
+        return checked, sorted(set(unsafe))
 
     @staticmethod
     def add_pairs(session: Session, ranking: Ranking, *, margin: float | None = None,
