@@ -64,3 +64,34 @@ def test_public_api_and_light_imports():
             "assert 'fastapi' not in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("command", ["detox", "eval", "dpo", "grpo", "frontier"])
+@pytest.mark.parametrize("flag, spec, message", [("--reward", "0.8*", "no reward after '*'"),
+                                                 ("--reward", "module:nonexistent", "cannot import module"),
+                                                 ("--reward", "length:abc", "positive integer"),
+                                                 ("--reward", "rm:/nonexistent", "not a reward model run folder")])
+def test_a_bad_reward_spec_fails_before_any_model_loads_and_leaves_no_run_folder(command, flag, spec, message,
+                                                                                capsys, tmp_path, monkeypatch):
+    import hhh.models.load
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the reward spec was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hhh.models.load, "load_causal_lm", no_load)
+    flag = "--scorer" if command == "frontier" and flag == "--reward" and spec.startswith("rm:") else flag
+    assert main([command, flag, spec]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_job_that_fails_while_loading_leaves_no_run_folder(tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": "many"}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception):
+        main(["detox", "--model", str(broken), "--out", "runs/x"])
+    assert not (tmp_path / "runs" / "x").exists()

@@ -99,3 +99,26 @@ def test_hf_classifier_reward_on_a_local_model(tokenizer, tmp_path):
     torch.testing.assert_close(p + q, torch.ones(2))
     with pytest.raises(ValueError, match="label 'toxic' not in"):
         HFClassifier(str(tmp_path), "toxic")
+
+
+def test_refusal_flags_apologies_and_refusals_only():
+    from hhh.rewards import build_reward
+
+    r = build_reward("refusal")
+    texts = ["I'm sorry, but I can't help with that.", "I cannot do that.", "As an AI, I must decline.",
+             "I won\u2019t write that.", "I'm unsure how to respond.", "Here is a firm but polite note for your neighbor.",
+             "Sorrento is lovely in May.", "I can tell you how to say it kindly."]
+    assert r.score([""] * len(texts), texts).tolist() == [-1.0] * 5 + [0.0] * 3
+
+
+def test_reward_specs_are_parsed_without_loading_anything():
+    """The parser (used by every config) names the bad part and imports no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hhh.rewards.spec import parse_reward as p;"
+            "t = p('0.8*toxicity + refusal + length:20'); assert [x.kind for x in t] == ['toxicity', 'refusal', 'length'];"
+            "assert [x.weight for x in t] == [0.8, None, None] and t[2].arg == '20';"
+            "assert 'torch' not in sys.modules; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "ok", proc.stderr

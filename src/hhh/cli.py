@@ -59,7 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console = Console()
     run = RunDir.create("eval", config, config.out)
     seed_everything(config.seed)
-    results = evaluate(config, run=run, console=console)
+    with run.removed_on_error():
+        results = evaluate(config, run=run, console=console)
     console.print(results_table(results, title=f"hhh eval: {config.model}" + (f" + {config.adapter}" if config.adapter else "")))
     console.print(f"run folder: {run.path}")
     return 0

@@ -35,6 +35,15 @@ class Settings(BaseModel):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
 
+    @field_validator("reward", "second_scorer", "scorer", check_fields=False)
+    @classmethod
+    def _reward_spec(cls, value: str) -> str:
+        # Checked here, so that a bad spec is an error before any model loads or any run folder is made.
+        from hhh.rewards.spec import parse_reward
+
+        parse_reward(value)
+        return value
+
 
 class GenerationSettings(Settings):
     model: str = Field(DEFAULT_MODEL, description="model spec: bundled:NAME, hub id, local folder or .gguf file")

@@ -25,7 +25,14 @@ class Trained:
 
 def run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, console, resume: bool = False,
             command: str = "detox") -> RunDir:
-    """Evaluate, `train(config, run, base=, tokenizer=, console=, resume=)`, evaluate again, report."""
+    """Evaluate, `train(config, run, base=, tokenizer=, console=, resume=)`, evaluate again, report. A new run
+    folder that fails before its first step is removed."""
+    with run.removed_on_error(fresh=not (run.path / "metrics.jsonl").exists()):
+        return _run_job(name, config, train, run=run, console=console, resume=resume, command=command)
+
+
+def _run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, console, resume: bool,
+             command: str) -> RunDir:
     from hhh.evaluate import compare_table, evaluate
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.report import write_report

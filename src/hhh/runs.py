@@ -11,8 +11,10 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,17 @@ class RunDir:
             },
         )
         return run
+
+    @contextmanager
+    def removed_on_error(self, fresh: bool = True):
+        """A fresh run folder whose job fails before its first logged step is removed: a typo leaves nothing behind
+        to clean up or to mistake for a result. A folder with steps in it stays, to resume."""
+        try:
+            yield self
+        except Exception:
+            if fresh and not (self.path / "metrics.jsonl").exists():
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
 
     def write_json(self, name: str, obj: Any) -> Path:
         target = self.path / name

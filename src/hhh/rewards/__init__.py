@@ -5,6 +5,7 @@ A reward spec string builds one:
     toxicity                      1 - P(offensive), alt-profanity-check
     sentiment                     VADER compound in [-1, 1]
     length[:N]                    -|words - N| / N  (N = 50)
+    refusal                       -1 for an apology or refusal ("I'm sorry", "I can't"...), else 0
     classifier:SPEC[:LABEL]       P(LABEL) of any HF sequence classifier (model spec as in hhh.models)
     rm:RUN_DIR                    a reward model trained by `hhh rm train`
     module:function               a Python callable (prompts, completions) -> floats
@@ -14,9 +15,12 @@ A reward spec string builds one:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from torch import Tensor
+from hhh.rewards.spec import Term, parse_reward
+
+if TYPE_CHECKING:  # this module stays light: configs check reward specs through it before torch loads
+    from torch import Tensor
 
 
 @runtime_checkable
@@ -83,60 +87,33 @@ class Shaped:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
-def _split_top(spec: str) -> list[str]:
-    return [part.strip() for part in spec.split("+")]
-
-
 def build_reward(spec: str, *, device: str = "auto") -> Reward:
-    """Build a reward from its spec string (see module docstring)."""
-    if not spec or not spec.strip():
-        raise ValueError("reward spec is empty")
-    parts = _split_top(spec)
-    if len(parts) == 1 and "*" not in parts[0]:
-        return _build_one(parts[0], device)
-    terms = []
-    for part in parts:
-        weight, star, name = part.partition("*")
-        if not star:
-            weight, name = "1", part
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(f"reward spec {spec!r}: weight {weight!r} is not a number") from None
-        terms.append((w, _build_one(name.strip(), device)))
-    return WeightedSum(terms)
+    """Build a reward from its spec string (see module docstring); the spec is checked whole first."""
+    terms = parse_reward(spec)
+    if len(terms) == 1 and terms[0].weight is None:
+        return _build_one(terms[0], device)
+    return WeightedSum([(1.0 if t.weight is None else t.weight, _build_one(t, device)) for t in terms])
 
 
-def _build_one(spec: str, device: str) -> Reward:
+def _build_one(term: Term, device: str) -> Reward:
     from hhh.rewards import builtin
 
-    head, _, rest = spec.partition(":")
-    if spec == "toxicity":
+    if term.kind == "toxicity":
         return builtin.Toxicity()
-    if spec == "sentiment":
+    if term.kind == "sentiment":
         return builtin.Sentiment()
-    if head == "length":
-        try:
-            return builtin.Length(int(rest) if rest else 50)
-        except ValueError:
-            raise ValueError(f"reward {spec!r}: length target must be an integer") from None
-    if head == "classifier":
-        if not rest:
-            raise ValueError("reward 'classifier:' needs a model spec, e.g. classifier:org/model[:label]")
-        model, label = _classifier_parts(rest)
+    if term.kind == "refusal":
+        return builtin.Refusal()
+    if term.kind == "length":
+        return builtin.Length(int(term.arg or 50))
+    if term.kind == "classifier":
+        model, label = _classifier_parts(term.arg or "")
         return builtin.HFClassifier(model, label, device=device)
-    if head == "rm":
-        if not rest:
-            raise ValueError("reward 'rm:' needs a run folder of `hhh rm train`, e.g. rm:runs/rm-20261123-120000")
+    if term.kind == "rm":
         from hhh.reward_model import RewardModelReward
 
-        return RewardModelReward(rest, device=device)
-    if rest and head.replace(".", "").replace("_", "").isalnum():
-        return builtin.PythonFunction(spec)
-    raise ValueError(
-        f"unknown reward {spec!r}: expected toxicity, sentiment, length[:N], classifier:SPEC[:LABEL], "
-        "rm:RUN_DIR or module:function"
-    )
+        return RewardModelReward(term.arg or "", device=device)
+    return builtin.PythonFunction(term.arg or "")
 
 
 def _classifier_parts(rest: str) -> tuple[str, str | None]:

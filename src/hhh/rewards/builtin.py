@@ -47,6 +47,22 @@ class Sentiment:
         return torch.tensor([p["compound"] for p in self.polarity(completions)], dtype=torch.float32)
 
 
+class Refusal:
+    """-1 for a completion that apologises or refuses ("I'm sorry", "I can't help with that", "as an AI"), else 0.
+
+    Added to the toxicity reward, it asks the policy to answer a rude request politely rather than to apologise
+    or decline: apologies are cheap non-toxic answers that PPO otherwise finds first."""
+
+    name = "refusal"
+    PATTERN = re.compile(
+        r"\b(sorry|apologi[sz]e|apologies|i\s+(?:can(?:no|')t|cannot|won't|will\s+not|am\s+unable|'m\s+unable|"
+        r"am\s+not\s+able|'m\s+not\s+able|must\s+decline|refuse)|as\s+an\s+ai|unsure\s+how)\b", re.I)
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        text = [c.replace("\u2019", "'") for c in completions]
+        return torch.tensor([-1.0 if self.PATTERN.search(c) else 0.0 for c in text], dtype=torch.float32)
+
+
 class Length:
     """Length penalty: -|words - target| / target, 0 at the target length."""
 
