@@ -92,6 +92,20 @@ def test_a_job_that_fails_while_loading_leaves_no_run_folder(tmp_path, capsys, m
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama", "vocab_size": "many"}')
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(Exception):
-        main(["detox", "--model", str(broken), "--out", "runs/x"])
+    assert main(["detox", "--model", str(broken), "--out", "runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load it" in err and "vocab_size" in err and err.count("\n") == 1
     assert not (tmp_path / "runs" / "x").exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unknown_hub_id_is_one_line_at_once(offline, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert main(["eval", "--model", "nosuch-org-hhh/nosuch-model-hhh"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("not found offline" in err or "no such model on the hub" in err), err
+    assert not list(tmp_path.glob("runs/*"))

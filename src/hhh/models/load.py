@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from hhh.models.spec import local_path, quiet_transformers
+from hhh.models.spec import load_error, local_path, quiet_transformers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,7 +40,12 @@ def prepare_tokenizer(tokenizer):
 def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(local_path(spec)))
+    path = local_path(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise load_error(spec, e) from e
+    return prepare_tokenizer(tokenizer)
 
 
 def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
@@ -50,7 +55,11 @@ def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
     quiet_transformers()
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(local_path(spec), dtype=DTYPES[dtype])
+    path = local_path(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    except Exception as e:
+        raise load_error(spec, e) from e
     model.to(pick_device(device))
     model.eval()  # dropout off: PPO ratios must be 1 at the first minibatch
     return model

@@ -141,8 +141,34 @@ def convert_gguf(gguf: str | Path, *, progress: bool = True) -> Path:
 
 
 def local_path(spec: str) -> str:
-    """What `from_pretrained` should be given for this spec (converting a GGUF first)."""
+    """What `from_pretrained` should be given for this spec (converting a GGUF first). A hub id that is neither in
+    the local Hugging Face cache nor reachable is a one-line error at once, not a minute of retries."""
     source = resolve(spec)
     if source.kind in ("bundled", "gguf"):
         return str(convert_gguf(source.location))
+    if source.kind == "hub":
+        _check_hub_id(source.location)
     return source.location
+
+
+def _check_hub_id(repo_id: str) -> None:
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    offline = f"model spec {repo_id!r}: not found offline (not in the local Hugging Face cache, and the hub "
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ValueError(offline + "is switched off by HF_HUB_OFFLINE)")
+    try:
+        model_info(repo_id, timeout=10)
+    except RepositoryNotFoundError:
+        raise ValueError(f"model spec {repo_id!r}: no such model on the hub (or it is private or gated)") from None
+    except Exception as e:  # no network, DNS, proxy, timeout
+        raise ValueError(offline + f"cannot be reached: {type(e).__name__})") from None
+
+
+def load_error(spec: str, error: Exception) -> ValueError:
+    """A model that resolves but does not load (a broken config.json, missing weights): one line naming it."""
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    return ValueError(f"model spec {spec!r}: cannot load it ({type(error).__name__}: {first})")
