@@ -22,6 +22,9 @@ def test_logprobs_equal_a_fresh_forward_pass(tiny, tokenizer):
     torch.testing.assert_close(fresh, r.logprobs, atol=1e-4, rtol=1e-4)
     at_one = response_logprobs(model, r.query_ids, r.query_mask, r.response_ids, r.response_mask, temperature=1.0)
     torch.testing.assert_close(at_one, r.logprobs_t1, atol=1e-4, rtol=1e-4)
+    # sampling builds no autograd graph, whoever calls it (a graph over every decoding step took 23 GB in eval)
+    assert any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled()
+    assert not r.logprobs.requires_grad and not r.logprobs_t1.requires_grad
 
 
 def test_masks_stop_at_eos_and_ignore_everything_after(tiny, tokenizer):

@@ -71,7 +71,6 @@ def context_length(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 2048))
 
 
-@torch.no_grad()
 def _cache_argument(model) -> str:
     """The name under which this model's forward takes and returns the KV cache: `cache` since transformers 5.2x
     (where `past_key_values` still works but warns on every call), `past_key_values` before and in models not
@@ -82,6 +81,7 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()
 def sample(
     model,
     tokenizer,
