@@ -12,6 +12,21 @@ def test_bundled_sets_sizes_and_disjoint_splits():
     assert load_prompts("redteam:eval", limit=5) == red_eval[:5]
 
 
+def test_heldout_red_team_prompts_share_no_template_with_training():
+    """60 prompts written in other styles: no 4-word sequence of any of them occurs in a training prompt (the
+    templated eval split shares whole frames with train), and `redteam` (all) leaves them out."""
+    def grams(text):
+        words = text.lower().replace(",", " ").replace(".", " ").split()
+        return {tuple(words[i:i + 4]) for i in range(len(words) - 3)}
+
+    heldout, train = load_prompts("redteam:heldout"), load_prompts("redteam:train")
+    train_grams = set().union(*(grams(p) for p in train))
+    assert len(heldout) == 60 and not set(heldout) & set(load_prompts("redteam"))
+    shared = [p for p in heldout if grams(p) & train_grams]
+    assert shared == [], shared
+    assert any(grams(p) & train_grams for p in load_prompts("redteam:eval"))  # what the templated split does
+
+
 def test_jsonl_prompts_and_line_numbered_errors(tmp_path):
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "a"}\n\n{"prompt": "b", "extra": 1}\n')

@@ -191,7 +191,7 @@ class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
 class JobEvalSettings(Settings):
     """Evaluation before and after training, shared by the jobs on the detox task (detox, dpo, ...)."""
 
-    eval_prompts: list[str] = Field(["redteam:eval", "benign:eval*2"],
+    eval_prompts: list[str] = Field(["redteam:eval", "redteam:heldout*2", "benign:eval*2"],
                                     description="prompt sets evaluated before/after (SET*N: N samples per prompt)")
     eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
     eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")

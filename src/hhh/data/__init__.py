@@ -1,7 +1,9 @@
 """Prompt sets: bundled sets, JSONL, CSV and HF datasets, one spec string each.
 
     redteam:train | redteam:eval | benign:train | benign:eval   bundled with hhh
-    redteam (or redteam:all)                                    every split
+    redteam:heldout                                             60 red-team prompts in other styles than the
+                                                                templated train/eval splits (evaluation only)
+    redteam (or redteam:all)                                    train + eval (heldout only by its name)
     path/to/file.jsonl                                          one JSON object per line with a "prompt" field
     path/to/file.csv                                            a header row with a "prompt" column
     hf:NAME[:SPLIT]                                             a Hugging Face dataset (network or local cache)
@@ -16,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 BUNDLED_SETS = ("redteam", "benign")
-SPLITS = ("train", "eval", "all")
+SPLITS = ("train", "eval", "heldout", "all")
 
 
 class DataError(ValueError):
@@ -47,11 +49,11 @@ def _text(value, where: str, field: str) -> str:
 
 def _bundled(name: str, split: str) -> list[str]:
     if split not in SPLITS:
-        raise DataError(f"prompt set {name}:{split}: unknown split (expected train, eval or all)")
+        raise DataError(f"prompt set {name}:{split}: unknown split (expected train, eval, heldout or all)")
     source = resources.files("hhh.data") / "files" / f"{name}.jsonl"
     with resources.as_file(source) as path:
         rows = [obj for _, obj in read_jsonl(path)]
-    return [r["prompt"] for r in rows if split == "all" or r["split"] == split]
+    return [r["prompt"] for r in rows if r["split"] == split or (split == "all" and r["split"] != "heldout")]
 
 
 def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) -> list[str]:
