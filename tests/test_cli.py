@@ -109,3 +109,40 @@ def test_an_unknown_hub_id_is_one_line_at_once(offline, capsys, tmp_path, monkey
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("not found offline" in err or "no such model on the hub" in err), err
     assert not list(tmp_path.glob("runs/*"))
+
+
+def test_directories_non_utf8_files_and_corrupt_run_files_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    """Each names the path it could not use, exits 2 and leaves nothing behind."""
+    monkeypatch.chdir(tmp_path)
+    adir = tmp_path / "adir"
+    adir.mkdir()
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9", "chosen": "a"}\n')
+    csv = tmp_path / "latin.csv"
+    csv.write_bytes(b"prompt\nfine\ncaf\xe9\n")
+    toml = tmp_path / "latin.toml"
+    toml.write_bytes(b'model = "caf\xe9"\n')
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eval.json").write_text('{"redteam:eval": {"n": 4')
+    (tmp_path / "run" / "eval_before.json").write_text("{}")
+    db = str(tmp_path / "fb.db")
+    main(["label", "add-labeler", "ann", "--db", db])
+    capsys.readouterr()
+    cases = [(["eval", "--config", str(adir)], f"config file {adir}: is a directory"),
+             (["eval", "--config", str(toml)], f"config file {toml}: not UTF-8"),
+             (["eval", "--prompts", str(latin)], f"{latin}:2: not UTF-8"),
+             (["eval", "--prompts", str(csv)], f"{csv}:3: not UTF-8"),
+             (["label", "import", str(adir), "--db", db], f"{adir}: is a directory"),
+             (["label", "import", str(pairs), "--db", db], f"{pairs}:2: not UTF-8"),
+             (["label", "export", "--out", str(adir), "--db", db], f"{adir}: is a directory"),
+             (["label", "export", "--out", "x.jsonl", "--db", str(tmp_path / "typo.db")], "no such store"),
+             (["compare", str(tmp_path / "run")], "eval.json: not a valid JSON file"),
+             (["label", "add-labeler", "", "--db", db], "1 to 200 printable")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    assert not (tmp_path / "typo.db").exists() and not list(tmp_path.glob("adir*.tmp"))
+    assert not (tmp_path / "runs").exists()

@@ -222,6 +222,7 @@ def test_rankings_jsonl_round_trip(store, tmp_path):
         ('{"chosen": "a", "rejected": "b"}', "no 'prompt' field"),
         ('{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0]]}', "field 'ranking'"),
         ('{"prompt": "p", "completions": ["a"], "ranking": [[0]]}', "at least 2 strings"),
+        ('{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [1]], "unsafe": [true]}', "field 'unsafe'"),
         ("{not json", "invalid JSON"),
     ],
 )

@@ -89,7 +89,11 @@ class RunDir:
         return target
 
     def read_json(self, name: str) -> Any:
-        return json.loads((self.path / name).read_text())
+        path = self.path / name
+        try:
+            return json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a valid JSON file ({type(e).__name__}: {str(e)[:120]})") from None
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from importlib import resources
@@ -28,8 +29,14 @@ class DataError(ValueError):
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; a bad line raises DataError naming it."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a JSONL file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -85,7 +92,12 @@ def load_prompts(spec: str, *, field: str = "prompt", limit: int | None = None) 
 
 
 def _csv(path: Path, field: str) -> list[str]:
-    with open(path, encoding="utf-8", newline="") as f:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x})") from None
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or field not in reader.fieldnames:
             raise DataError(f"{path}:1: header has no column {field!r} (columns: {reader.fieldnames})")

@@ -80,7 +80,8 @@ def _ranking_record(row: dict, where: str) -> dict[str, Any]:
     except RankingError as e:
         raise DataError(f"{where}: field 'ranking': {e}") from None
     unsafe = row.get("unsafe", [])
-    if not isinstance(unsafe, list) or not all(isinstance(i, int) and 0 <= i < len(completions) for i in unsafe):
+    if not isinstance(unsafe, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                               and 0 <= i < len(completions) for i in unsafe):
         raise DataError(f"{where}: field 'unsafe' must list indices into 'completions'")
     return {"prompt": prompt, "completions": completions, "tiers": tiers, "unsafe": unsafe, "margin": None,
             "labeler": row.get("labeler"), "source": row.get("source")}
@@ -213,11 +214,16 @@ def export_lines(store: Store, fmt: str = "pairs", *, ties: bool = False, source
 def export_jsonl(store: Store, path: str | Path, fmt: str = "pairs", **kwargs) -> int:
     """Write export_lines to a file (via a temporary file, renamed); returns the number of lines."""
     path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory; give a file name to write the JSONL to")
     tmp = path.with_suffix(path.suffix + ".tmp")
     n = 0
-    with open(tmp, "w") as f:
-        for line in export_lines(store, fmt, **kwargs):
-            f.write(line)
-            n += 1
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in export_lines(store, fmt, **kwargs):
+                f.write(line)
+                n += 1
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # nothing half-written is left behind
     return n
