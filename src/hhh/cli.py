@@ -272,7 +272,7 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
             DPOConfig, cmd_dpo),
     "grpo": ("GRPO: G samples per prompt, group-normalised advantages, clipped ratio, k3 KL in the loss",
              GRPOConfig, cmd_online),
-    "rloo": ("RLOO: leave-one-out baseline, KL in the reward, sequence-level REINFORCE (or REINFORCE++)",
+    "rloo": ("RLOO: leave-one-out baseline, KL in the reward, REINFORCE with a clipped ratio (or REINFORCE++)",
              RLOOConfig, cmd_online),
     "frontier": ("PPO, GRPO, RLOO and DPO at several KL strengths: held-out reward against KL, plot and table",
                  FrontierConfig, cmd_frontier),
