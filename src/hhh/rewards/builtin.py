@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Sequence
 
@@ -127,14 +126,9 @@ class PythonFunction:
     """A user function `module:function(prompts, completions) -> sequence of floats`."""
 
     def __init__(self, target: str) -> None:
-        module_name, _, attr = target.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"reward {target!r}: cannot import module {module_name!r} ({e})") from e
-        if not callable(getattr(module, attr, None)):
-            raise ValueError(f"reward {target!r}: module {module_name!r} has no function {attr!r}")
-        self.fn = getattr(module, attr)
+        from hhh.rewards.spec import python_function
+
+        self.fn = python_function(target)
         self.name = target
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,12 +70,19 @@ def _term(source: str, weight: float | None, spec: str) -> Term:
             raise ValueError(f"reward {source!r}: {rest} is not a reward model run folder (no model/rm.json)")
         return Term(weight, "rm", rest)
     if colon and re.fullmatch(r"[A-Za-z_][\w.]*", head) and re.fullmatch(r"[A-Za-z_]\w*", rest):
-        try:
-            module = importlib.import_module(head)
-        except ImportError as e:
-            raise ValueError(f"reward {source!r}: cannot import module {head!r} ({e})") from None
-        if not callable(getattr(module, rest, None)):
-            raise ValueError(f"reward {source!r}: module {head!r} has no function {rest!r}")
+        python_function(source)
         return Term(weight, "function", source)
     raise ValueError(f"unknown reward {source!r} in {spec!r}: expected toxicity, sentiment, refusal, length[:N], "
                      "classifier:SPEC[:LABEL], rm:RUN_DIR or module:function")
+
+
+def python_function(target: str) -> Callable:
+    """The callable named by `module:function`; ValueError when the module does not import or lacks it."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward {target!r}: cannot import module {module_name!r} ({e})") from None
+    if not callable(getattr(module, attr, None)):
+        raise ValueError(f"reward {target!r}: module {module_name!r} has no function {attr!r}")
+    return getattr(module, attr)
