@@ -56,4 +56,4 @@ def test_shipped_example_config_is_valid():
     from hhh.config import DetoxConfig
 
     path = Path(__file__).resolve().parents[1] / "configs" / "detox.toml"
-    assert load_config(DetoxConfig, path).reward == "toxicity"
+    assert load_config(DetoxConfig, path).reward == "toxicity + 0.25*refusal"

@@ -156,7 +156,10 @@ class GuardSettings(Settings):
 class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
     # data and reward
     prompts: str = Field("redteam:train", description="training prompt set")
-    reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
+    # With toxicity alone PPO's cheapest answer to an insult request is an apology or a refusal, which the second
+    # judge (VADER) scores as negative and which shortens answers; the refusal term asks for a polite answer instead
+    # (measured in the README). 0.5 moved toxicity too little in 10 steps.
+    reward: str = Field("toxicity + 0.25*refusal", description="reward spec (see hhh.rewards), higher is better")
     reward_normalize: typing.Literal["none", "batch", "running"] = Field(
         "running", description="normalise scores: none, per batch, or by running mean/std")
     # "running" (Ziegler et al. normalise the reward on samples of the initial policy): scores of mean 0
@@ -170,7 +173,8 @@ class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
     minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
     micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
     ppo_epochs: int = Field(2, gt=0, description="passes over each batch")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    # 2e-3: with the refusal term, 1e-3 left toxicity at 0.102 after 10 steps (KL 2.5); 2e-3 reaches the KL budget.
+    lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     # PPO
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
