@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from hhh.cli import main
+from hhh.config import EvalConfig
 
 
 def test_eval_command_as_a_user_runs_it(tiny_dir, tmp_path):
@@ -146,3 +147,18 @@ def test_directories_non_utf8_files_and_corrupt_run_files_are_one_line_errors(tm
         assert message in err and err.count("\n") == 1, (argv, err)
     assert not (tmp_path / "typo.db").exists() and not list(tmp_path.glob("adir*.tmp"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_resume_keeps_the_folder_it_was_given(tmp_path):
+    from hhh.runs import RunDir
+
+    made = RunDir.create("x", EvalConfig(), str(tmp_path / "made"))
+    with pytest.raises(RuntimeError), made.removed_on_error():
+        raise RuntimeError("boom")
+    assert not made.path.exists()
+    kept = RunDir(tmp_path / "kept")
+    kept.path.mkdir()
+    (kept.path / "eval_before.json").write_text("{}")
+    with pytest.raises(RuntimeError), kept.removed_on_error():
+        raise RuntimeError("boom")
+    assert (kept.path / "eval_before.json").is_file()

@@ -27,7 +27,7 @@ def run_job(name: str, config, train: Callable[..., Trained], *, run: RunDir, co
             command: str = "detox") -> RunDir:
     """Evaluate, `train(config, run, base=, tokenizer=, console=, resume=)`, evaluate again, report. A new run
     folder that fails before its first step is removed."""
-    with run.removed_on_error(fresh=not (run.path / "metrics.jsonl").exists()):
+    with run.removed_on_error():
         return _run_job(name, config, train, run=run, console=console, resume=resume, command=command)
 
 

@@ -45,8 +45,9 @@ def versions() -> dict[str, str]:
 
 
 class RunDir:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, fresh: bool = False) -> None:
         self.path = Path(path)
+        self.fresh = fresh  # made by this process (create), not an existing folder opened to resume
 
     @classmethod
     def create(cls, command: str, config: Settings, out: str | None = None, *, exist_ok: bool = False) -> RunDir:
@@ -54,7 +55,7 @@ class RunDir:
         if path.exists() and any(path.iterdir()) and not exist_ok:
             raise FileExistsError(f"run folder {path} exists and is not empty (use --resume or another --out)")
         path.mkdir(parents=True, exist_ok=True)
-        run = cls(path)
+        run = cls(path, fresh=True)
         (path / "config.toml").write_text(tomli_w.dumps(to_toml_dict(config)))
         run.write_json(
             "meta.json",
@@ -71,13 +72,14 @@ class RunDir:
         return run
 
     @contextmanager
-    def removed_on_error(self, fresh: bool = True):
-        """A fresh run folder whose job fails before its first logged step is removed: a typo leaves nothing behind
-        to clean up or to mistake for a result. A folder with steps in it stays, to resume."""
+    def removed_on_error(self):
+        """A run folder made by this process whose job fails before its first logged step is removed: a typo leaves
+        nothing behind to clean up or to mistake for a result. A folder with steps in it, or one opened to resume,
+        stays."""
         try:
             yield self
         except Exception:
-            if fresh and not (self.path / "metrics.jsonl").exists():
+            if self.fresh and not (self.path / "metrics.jsonl").exists():
                 shutil.rmtree(self.path, ignore_errors=True)
             raise
 
