@@ -395,8 +395,9 @@ class Store:
         checked, unsafe = self._check_ranking(prompt_id, tiers, unsafe, ids)
         try:
             with self.write() as s:
-                if self._completion_ids(s, prompt_id) != ids:  # completions were added meanwhile
-                    checked, unsafe = self._check_ranking(prompt_id, tiers, unsafe, self._completion_ids(s, prompt_id))
+                now = self._completion_ids(s, prompt_id)
+                if now != ids:  # completions were added meanwhile
+                    checked, unsafe = self._check_ranking(prompt_id, tiers, unsafe, now)
                 if s.scalar(select(Ranking.id).where(Ranking.submission_id == submission_id)) is not None:
                     raise StoreError(f"duplicate submission {submission_id!r}: it was already saved", 409)
                 if edit is None:
