@@ -41,7 +41,8 @@ system:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium postgresql >/dev/null; }
 
 test: setup system
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/mypy src/hhh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup system

@@ -239,8 +239,8 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
             rank = form_id(form.get(f"rank_{c['id']}"), f"rank_{c['id']}")
             if rank is not None:
                 ranks[c["id"]] = rank
-        unsafe = [form_id(v, "unsafe") for v in form.getlist("unsafe")[:MAX_COMPLETIONS]]
-        unsafe = [u for u in unsafe if u is not None]
+        given = [form_id(v, "unsafe") for v in form.getlist("unsafe")[:MAX_COMPLETIONS]]
+        unsafe = [u for u in given if u is not None]
         try:
             if len(ranks) < len(item["completions"]):
                 raise StoreError(f"give every completion a rank ({len(ranks)} of {len(item['completions'])} ranked)")

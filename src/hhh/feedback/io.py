@@ -48,7 +48,7 @@ def _string(row: dict, key: str, where: str) -> str:
     return value
 
 
-def _pair_record(row: dict, where: str) -> dict[str, Any]:
+def pair_record(row: dict, where: str) -> dict[str, Any]:
     if "prompt" in row:
         prompt, chosen, rejected = (_string(row, k, where) for k in ("prompt", "chosen", "rejected"))
     else:
@@ -76,7 +76,7 @@ def _ranking_record(row: dict, where: str) -> dict[str, Any]:
     if len(set(completions)) != len(completions):
         raise DataError(f"{where}: field 'completions' holds the same text twice")
     try:
-        tiers = check_tiers(row.get("ranking"), range(len(completions)))
+        tiers = check_tiers(row.get("ranking") or [], range(len(completions)))
     except RankingError as e:
         raise DataError(f"{where}: field 'ranking': {e}") from None
     unsafe = row.get("unsafe", [])
@@ -93,7 +93,7 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[dict[str, Any]]:
     for lineno, row in read_jsonl(path):
         where = f"{path}:{lineno}"
         kind = fmt if fmt != "auto" else ("rankings" if "completions" in row else "pairs")
-        rec = _ranking_record(row, where) if kind == "rankings" else _pair_record(row, where)
+        rec = _ranking_record(row, where) if kind == "rankings" else pair_record(row, where)
         records.append({**rec, "where": where, "kind": kind})
     return records
 

@@ -70,12 +70,12 @@ def generate(config: LabelGenerateConfig, *, console=None) -> dict[str, int]:
             rollout = sample(model, tokenizer, [f"{instr} {text}" if instr else text for _, text, instr in batch],
                              max_new_tokens=config.max_new_tokens, temperature=config.temperature, generator=generator)
             with store.write() as s:
-                before = s.scalar(select(func.count(Completion.id)))
+                before = s.scalar(select(func.count(Completion.id))) or 0
                 for (pid, _, instr), completion in zip(batch, rollout.texts, strict=True):
                     if completion.strip():
                         store.add_completion(pid, completion.strip(), model=config.model, adapter=config.adapter,
                                              instruction=instr or None, session=s)
-                added += s.scalar(select(func.count(Completion.id))) - before
+                added += (s.scalar(select(func.count(Completion.id))) or 0) - before
             bar.advance(task, len(batch))
     return {"prompts": len(prompts), "completions": added}
 
@@ -92,7 +92,8 @@ def auto_label(config: LabelAutoConfig, *, batch_size: int = 256) -> dict[str, i
     todo = [it for it in store.items() if it["prompt_id"] not in done]
     ranked = pairs = 0
     while todo:
-        chunk, size = [], 0
+        chunk: list[dict] = []
+        size = 0
         while todo and (size < batch_size or not chunk):
             chunk.append(todo.pop(0))
             size += len(chunk[-1]["completions"])

@@ -62,7 +62,7 @@ def check_tiers(tiers: Sequence[Sequence[int]], expected: Iterable[int]) -> list
 
 def tiers_to_pairs(tiers: Sequence[Sequence[int]]) -> list[PairOutcome]:
     """Every unordered pair of ranked completions once: ordered across tiers, a tie within one."""
-    pairs = []
+    pairs: list[PairOutcome] = []
     for i, tier in enumerate(tiers):
         ordered = sorted(tier)
         for a_pos, a in enumerate(ordered):

@@ -18,16 +18,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
     Boolean,
+    CursorResult,
     DateTime,
     Float,
     ForeignKey,
     Integer,
     String,
+    Table,
     Text,
     UniqueConstraint,
     create_engine,
@@ -41,6 +43,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from hhh.config import SESSION_HOURS, TOKEN_DAYS
 from hhh.feedback.rankings import RankingError, check_tiers, tiers_to_pairs
 
+
+def _table(model) -> Table:
+    """The mapped class's table, for bulk statements that skip the ORM's per-object bookkeeping."""
+    return cast(Table, model.__table__)
 
 def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
@@ -319,7 +325,7 @@ class Store:
             if labeler is None or labeler.role == "ai":
                 raise StoreError(f"no human labeler named {name!r}", 404)
             labeler.token_hash, labeler.token_expires_at = text_hash(token), _expiry(days)
-            s.execute(LoginSession.__table__.delete().where(LoginSession.labeler_id == labeler.id))
+            s.execute(_table(LoginSession).delete().where(LoginSession.labeler_id == labeler.id))
         return token
 
     def revoke_labeler(self, name: str) -> int:
@@ -330,13 +336,14 @@ class Store:
             if labeler is None:
                 raise StoreError(f"no labeler named {name!r}", 404)
             labeler.token_hash, labeler.token_expires_at = None, None
-            return s.execute(LoginSession.__table__.delete().where(LoginSession.labeler_id == labeler.id)).rowcount
+            done = s.execute(_table(LoginSession).delete().where(LoginSession.labeler_id == labeler.id))
+            return cast(CursorResult, done).rowcount
 
     def start_session(self, labeler_id: int, *, hours: float = SESSION_HOURS) -> str:
         """A browser session for a logged-in labeler; returns its token (for the cookie; only its hash is kept)."""
         token = secrets.token_urlsafe(32)
         with self.write() as s:
-            s.execute(LoginSession.__table__.delete().where(LoginSession.expires_at < _now()))
+            s.execute(_table(LoginSession).delete().where(LoginSession.expires_at < _now()))
             s.add(LoginSession(labeler_id=labeler_id, token_hash=text_hash(token),
                                expires_at=_now() + timedelta(hours=hours)))
         return token
@@ -348,7 +355,7 @@ class Store:
 
     def end_session(self, token: str) -> None:
         with self.write() as s:
-            s.execute(LoginSession.__table__.delete().where(LoginSession.token_hash == text_hash(token)))
+            s.execute(_table(LoginSession).delete().where(LoginSession.token_hash == text_hash(token)))
 
     def ai_labeler(self, name: str) -> int:
         with self.write() as s:
@@ -405,14 +412,15 @@ class Store:
                                       tiers=checked, unsafe=unsafe)
                     s.add(ranking)
                 else:
-                    ranking = s.get(Ranking, edit)
-                    if ranking is None or ranking.labeler_id != labeler_id or ranking.prompt_id != prompt_id:
+                    found = s.get(Ranking, edit)
+                    if found is None or found.labeler_id != labeler_id or found.prompt_id != prompt_id:
                         raise StoreError(f"you have no ranking {edit} of prompt {prompt_id}", 404)
+                    ranking = found
                     ranking.tiers, ranking.unsafe = checked, unsafe
                     ranking.submission_id, ranking.revision, ranking.updated_at = submission_id, ranking.revision + 1, _now()
                     ranking.pairs.clear()
                 self.add_pairs(s, ranking, margin=margin)
-                s.execute(Skip.__table__.delete().where(Skip.prompt_id == prompt_id, Skip.labeler_id == labeler_id))
+                s.execute(_table(Skip).delete().where(Skip.prompt_id == prompt_id, Skip.labeler_id == labeler_id))
                 s.flush()
                 return ranking.id
         except IntegrityError as e:

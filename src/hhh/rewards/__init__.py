@@ -40,7 +40,11 @@ class WeightedSum:
         self.name = " + ".join(f"{w:g}*{r.name}" for w, r in self.terms)
 
     def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
-        return sum(w * r.score(prompts, completions) for w, r in self.terms)
+        w, first = self.terms[0]
+        total = w * first.score(prompts, completions)
+        for w, r in self.terms[1:]:
+            total = total + w * r.score(prompts, completions)
+        return total
 
 
 class Shaped:
@@ -110,9 +114,7 @@ def _build_one(term: Term, device: str) -> Reward:
         model, label = _classifier_parts(term.arg or "")
         return builtin.HFClassifier(model, label, device=device)
     if term.kind == "rm":
-        from hhh.reward_model import RewardModelReward
-
-        return RewardModelReward(term.arg or "", device=device)
+        return builtin.RewardModelReward(term.arg or "", device=device)
     return builtin.PythonFunction(term.arg or "")
 
 

@@ -11,7 +11,7 @@ if context.is_offline_mode():
     with context.begin_transaction():
         context.run_migrations()
 else:
-    engine = create_engine(context.config.get_main_option("sqlalchemy.url"))
+    engine = create_engine(context.config.get_main_option("sqlalchemy.url") or "")
     try:
         with engine.connect() as connection:
             # batch mode: SQLite cannot ALTER most things, so changes are made by copying the table
