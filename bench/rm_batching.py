@@ -15,9 +15,10 @@ import time
 import numpy as np
 import torch
 
+from hhh.data.pairs import Pairs
 from hhh.losses import bradley_terry_loss
-from hhh.reward_model import build_reward_model
-from hhh.train.rm import Pairs, pair_rewards, prompt_batches
+from hhh.models.reward_model import build_reward_model
+from hhh.train.rm import pair_rewards, prompt_batches
 
 WORDS = "the a cat dog tea bread rain music kind rude thanks idiot lovely awful help please no yes".split()
 

@@ -37,10 +37,10 @@ def pairs(n: int) -> list[dict]:
 
 
 def lora(model):
-    from hhh.config import PolicyLoraSettings
+    from hhh.config import PolicyJobSettings
     from hhh.models.load import lora_config
 
-    return lora_config(model, PolicyLoraSettings().lora())
+    return lora_config(model, PolicyJobSettings().lora())
 
 
 def peak_gb() -> float:
@@ -100,10 +100,10 @@ def hhh_dpo(steps: int) -> dict:
     from rich.console import Console
 
     from hhh.config import DPOConfig
+    from hhh.data.pairs import Pairs
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.runs import RunDir
     from hhh.train.dpo import train_dpo
-    from hhh.train.rm import Pairs
 
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     rows = pairs(8 * steps)
@@ -146,14 +146,14 @@ def hhh_grpo(steps: int) -> dict:
     from hhh.config import GRPOConfig
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.runs import RunDir
-    from hhh.train.grpo import train_online
+    from hhh.train.grpo import train
 
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, minibatch_size=16, beta=0.04, lr=1e-3,
                         val_prompts=0, out="/tmp/bench-hhh-grpo")
     run = RunDir.create("grpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
-    train_online(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
+    train(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
     step_s = [m["time/step_s"] for m in run.metrics()]
     return {"s_per_step": sum(step_s[1:]) / (len(step_s) - 1), "steps": len(step_s)}
 

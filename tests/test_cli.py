@@ -58,10 +58,24 @@ def test_help_lists_every_setting(capsys):
     assert "--samples-per-prompt" in out and "completions sampled per prompt" in out
 
 
+def test_help_and_configs_load_neither_torch_nor_transformers():
+    """`hhh --help` (every command's too) and `import hhh.config` stay light: no torch, no transformers."""
+    code = ("import sys, contextlib, io, hhh.config, hhh.jobs, hhh.metrics\n"
+            "from hhh.cli import main\n"
+            "for argv in (['--help'], ['detox', '--help'], ['rm', 'train', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+            "print(heavy or 'ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.stdout, proc.stderr)
+
+
 def test_public_api_and_light_imports():
     """`import hhh` and `hhh.losses` must not pull in transformers (STYLE: heavy imports stay out)."""
     code = ("import sys, hhh, hhh.losses; assert 'transformers' not in sys.modules, 'heavy import';"
-            "from hhh import DetoxConfig, detox, train_ppo, evaluate, load_prompts, Store, train_rm, RMConfig;"
+            "from hhh import DetoxConfig, run_job, JOBS, build_policy, evaluate, load_prompts, Store, train_rm, "
+            "RMConfig;"
             "assert 'fastapi' not in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -5,18 +5,18 @@ import sys
 import pytest
 
 from hhh.config import DetoxConfig
-from hhh.detox import detox
+from hhh.jobs import run_job
 
 
 def test_detox_end_to_end_on_a_tiny_model_and_report(tiny_dir, tmp_path):
     out = tmp_path / "run"
     config = DetoxConfig(model=tiny_dir, steps=2, batch_size=4, minibatch_size=4, micro_batch_size=4,
-                         max_new_tokens=4, val_prompts=4, val_every=1, eval_max_prompts=2, eval_samples=2,
+                         max_new_tokens=4, val_prompts=4, val_every=1, eval={"max_prompts": 2, "samples": 2},
                          out=str(out))
-    run = detox(config)
+    run = run_job("detox", config)
     for name in ("config.toml", "meta.json", "metrics.jsonl", "eval_before.json", "eval.json", "summary.json",
                  "report.html", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-                 "adapter/value_head.pt", "plot_reward_score.png", "plot_kl_k1.png", "plot_policy_entropy.png",
+                 "adapter/value_head.pt", "plot_reward_mean.png", "plot_kl_k1.png", "plot_policy_entropy.png",
                  "hist_redteam_eval.png", "samples_before_redteam_eval.jsonl", "samples_redteam_eval.jsonl"):
         assert (out / name).is_file(), name
     assert len(run.metrics()) == 2

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from hhh.config import DPOConfig
+from hhh.data.pairs import Pairs
 from hhh.models import LoraSettings
 from hhh.models.policy import build_policy
 from hhh.runs import RunDir
 from hhh.train.dpo import minibatches, preference_loss, sequence_logps, train_dpo
-from hhh.train.rm import Pairs
 
 
 def toy_pairs(n=8):
@@ -28,8 +28,8 @@ def test_losses_at_step_0_where_the_policy_is_the_reference(tiny, tokenizer, los
     config = DPOConfig(loss=loss, batch_size=4)
     policy = build_policy(tiny, LoraSettings(top_layers=1))
     mb = minibatches(toy_pairs(4), tokenizer, config, "cpu")[0]
-    pi = sequence_logps(policy, mb)[:2]
-    ref = sequence_logps(policy, mb, reference=True)[:2]
+    pi = sequence_logps(policy, mb.tokens)[:2]
+    ref = sequence_logps(policy, mb.tokens, reference=True)[:2]
     kl = torch.zeros(()) if loss == "kto" else None
     assert preference_loss(config, pi, ref, kl).item() == pytest.approx(at_start, abs=1e-5)
 
@@ -42,13 +42,13 @@ def test_a_tiny_model_raises_its_margin_on_a_toy_preference(tiny, tokenizer, tmp
     policy = train_dpo(config, run, toy_pairs(), base=tiny, tokenizer=tokenizer, console=None)
     metrics = run.metrics()
     first, last = metrics[0], metrics[-1]
-    assert last["loss/dpo"] < first["loss/dpo"]
+    assert last["loss/preference"] < first["loss/preference"]
     # the policy now prefers the chosen answer more than the reference does, on unseen prompts too
     unseen = Pairs(["Another one?", "And this?"], ["yes thank you"] * 2, ["no go away"] * 2, [False] * 2, [None] * 2)
     mb = minibatches(unseen, tokenizer, config, "cpu")[0]
     with torch.no_grad():
-        pi = sequence_logps(policy, mb)[0]
-        ref = sequence_logps(policy, mb, reference=True)[0]
+        pi = sequence_logps(policy, mb.tokens)[0]
+        ref = sequence_logps(policy, mb.tokens, reference=True)[0]
     margin = (pi[:2] - ref[:2]) - (pi[2:] - ref[2:])
     assert (margin > 0).all() and last["rewards/accuracy"] == 1.0
     assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
@@ -69,7 +69,7 @@ def test_micro_batches_of_pairs_give_the_same_steps(tokenizer, tmp_path, loss):
         run = RunDir.create("dpo", config, str(tmp_path / f"m{micro}"))
         train_dpo(config, run, pairs, base=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer, console=None)
         logs[micro] = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in run.metrics()]
-    assert len(logs[8]) == 2 and logs[8][1]["loss/dpo"] != logs[8][0]["loss/dpo"]
+    assert len(logs[8]) == 2 and logs[8][1]["loss/preference"] != logs[8][0]["loss/preference"]
     for whole, parts in zip(logs[8], logs[3], strict=True):
         assert parts == pytest.approx(whole, rel=1e-4, abs=1e-6)
 
@@ -79,10 +79,13 @@ def test_dpo_logs_both_logps_and_the_implicit_rewards(tiny, tokenizer, tmp_path)
     run = RunDir.create("dpo", config, str(tmp_path / "run"))
     train_dpo(config, run, toy_pairs(), base=tiny, tokenizer=tokenizer, console=None)
     m = run.metrics()[0]
-    for key in ("loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+    for key in ("loss/preference", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
                 "logps/chosen", "logps/rejected", "grad_norm", "lr"):
         assert key in m
-    assert m["loss/dpo"] == pytest.approx(math.log(2), abs=1e-5) and m["rewards/margin"] == pytest.approx(0, abs=1e-5)
+    from hhh import metrics as M
+
+    assert M.undocumented(m) == []
+    assert m["loss/preference"] == pytest.approx(math.log(2), abs=1e-5) and m["rewards/margin"] == pytest.approx(0, abs=1e-5)
     assert len(run.metrics()) == 2  # 8 pairs / 4 per step
 
 
@@ -150,10 +153,10 @@ def test_training_forwards_run_with_dropout_off(tokenizer):
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
     policy.train()
     mb = minibatches(toy_pairs(4), tokenizer, DPOConfig(batch_size=4), "cpu")[0]
-    first, second = sequence_logps(policy, mb)[0], sequence_logps(policy, mb)[0]
+    first, second = sequence_logps(policy, mb.tokens)[0], sequence_logps(policy, mb.tokens)[0]
     assert first.requires_grad
     with torch.no_grad():
-        quiet = sequence_logps(policy, mb)[0]
+        quiet = sequence_logps(policy, mb.tokens)[0]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     torch.testing.assert_close(first.detach(), quiet)
     assert not any(m.training for m in policy.modules())
@@ -167,12 +170,12 @@ def test_preference_losses_score_log_probs_at_temperature_1(tiny, tokenizer, tmp
     pairs = toy_pairs(4)
     mb = minibatches(pairs, tokenizer, config, "cpu")[0]
     with torch.no_grad():
-        logits = tiny(input_ids=torch.cat([mb.query_ids, mb.response_ids], 1),
-                      attention_mask=torch.cat([mb.query_mask, mb.response_mask], 1)).logits
+        logits = tiny(input_ids=torch.cat([mb.tokens.query_ids, mb.tokens.response_ids], 1),
+                      attention_mask=torch.cat([mb.tokens.query_mask, mb.tokens.response_mask], 1)).logits
     train_dpo(config, run, pairs, base=tiny, tokenizer=tokenizer, console=None)
-    R = mb.response_ids.shape[1]
-    logp = torch.log_softmax(logits[:, -R - 1:-1], -1).gather(-1, mb.response_ids[..., None]).squeeze(-1)
-    chosen = float((logp * mb.response_mask)[:4].sum(-1).mean())
+    R = mb.tokens.response_ids.shape[1]
+    logp = torch.log_softmax(logits[:, -R - 1:-1], -1).gather(-1, mb.tokens.response_ids[..., None]).squeeze(-1)
+    chosen = float((logp * mb.tokens.response_mask)[:4].sum(-1).mean())
     assert run.metrics()[0]["logps/chosen"] == pytest.approx(chosen, rel=1e-4)
 
 
@@ -195,11 +198,11 @@ def test_kto_reference_point_pairs_every_example_with_the_next_ones_answer(token
     pairs = Pairs(["x0?", "x1?", "x2?"], ["c zero", "c one", "c two"], ["r zero", "r one", "r two"], [False] * 3,
                   [None] * 3)
     mb = minibatches(pairs, tokenizer, DPOConfig(loss="kto", batch_size=3, seed=0), "cpu")[0]
-    order = [tokenizer.decode(mb.response_ids[k][mb.response_mask[k].bool()][:-1]) for k in range(3)]
+    order = [tokenizer.decode(mb.tokens.response_ids[k][mb.tokens.response_mask[k].bool()][:-1]) for k in range(3)]
     chosen_first = [pairs.chosen.index(c) for c in order]  # the minibatch's pair order (shuffled by the seed)
     answers = [pairs.chosen[i] for i in chosen_first] + [pairs.rejected[i] for i in chosen_first]
     mis = mb.mismatched
     assert mis.query_ids.shape[0] == 6
     got = [tokenizer.decode(mis.response_ids[k][mis.response_mask[k].bool()][:-1]) for k in range(6)]
     assert got == answers[1:] + answers[:1]
-    torch.testing.assert_close(mis.query_ids, mb.query_ids)
+    torch.testing.assert_close(mis.query_ids, mb.tokens.query_ids)

@@ -83,6 +83,9 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, tokenizer, tmp_path):
     m = results["redteam:eval"]
     assert m["n"] == 6 and 0 <= m["toxicity/mean"] <= 1 and m["ppl/base"] > 1 and "kl/per_completion" not in m
     assert m["length/tokens"] <= 5
+    from hhh import metrics as M
+
+    assert M.undocumented(m) == []
     saved = json.loads((run.path / "eval.json").read_text())
     assert saved["benign:eval"]["n"] == 6
     rows = [json.loads(line) for line in (run.path / "samples_redteam_eval.jsonl").read_text().splitlines()]

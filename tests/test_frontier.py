@@ -24,14 +24,14 @@ def test_each_method_gets_its_kl_strength_held_fixed(tmp_path):
 
 
 def test_quick_fills_only_the_fields_not_given():
-    quick = FrontierConfig(quick=True, eval_samples=3).resolved()
-    assert quick.steps == 5 and quick.max_new_tokens == 32 and quick.eval_max_prompts == 48
-    assert quick.eval_samples == 3  # set explicitly: kept
-    assert FrontierConfig(eval_samples=3).resolved().steps is None  # not quick: untouched
+    quick = FrontierConfig(quick=True, eval={"samples": 3}).resolved()
+    assert quick.steps == 5 and quick.max_new_tokens == 32 and quick.eval.max_prompts == 48
+    assert quick.eval.samples == 3 and quick.eval.prompts == ["redteam:eval"]  # set explicitly: kept
+    assert FrontierConfig(eval={"samples": 3}).resolved().steps is None  # not quick: untouched
 
 
 SMALL = dict(methods=["ppo", "grpo", "rloo", "dpo"], ppo_kl_coef=[0.05], grpo_beta=[0.0, 0.5], rloo_kl_coef=[0.1],
-             dpo_beta=[0.1, 0.5], steps=2, dpo_pair_prompts=8, max_new_tokens=6, eval_max_prompts=2, eval_samples=2,
+             dpo_beta=[0.1, 0.5], steps=2, dpo_pair_prompts=8, max_new_tokens=6, eval={"max_prompts": 2, "samples": 2},
              lora_r=4, lora_alpha=8, reward="tests.toy_rewards:short_then_ctrl_c")
 
 
@@ -73,7 +73,8 @@ def test_frontier_command_quick(tiny_dir, tmp_path):
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     config = (out / "config.toml").read_text()
-    assert "eval_samples = 2" in config and "steps = 1" in config  # quick's value, and the flag's over quick's
+    assert "[eval]\nprompts" in config and "samples = 2" in config  # quick's value
+    assert "max_prompts = 2" in config and "steps = 1" in config  # the flags' over quick's
     assert [p["name"] for p in read_points(RunDir(out))] == ["base", "grpo-beta-0.1", "dpo-beta-0.1"]
     assert (out / "frontier.png").is_file() and "plot:" in proc.stdout
 

@@ -4,9 +4,10 @@ import sys
 
 import pytest
 
+from hhh import metrics as M
 from hhh.config import GRPOConfig, RLOOConfig
+from hhh.jobs import JOBS
 from hhh.runs import RunDir
-from hhh.train.grpo import train_online
 from tests import toy_rewards
 from tests.test_ppo import hello_model
 
@@ -18,7 +19,10 @@ TOY = dict(prompts="redteam:train", reward="tests.toy_rewards:hello", second_sco
 def run_online(cls, tokenizer, tmp_path, name, resume=False, **overrides):
     config = cls(**{**TOY, **overrides, "out": str(tmp_path / name)})
     run = RunDir(config.out) if resume else RunDir.create(name, config, config.out)
-    return run, train_online(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, resume=resume)
+    command = "grpo" if cls is GRPOConfig else "rloo"
+    trained = JOBS[command].train(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, console=None,
+                                  resume=resume)
+    return run, (trained.model, trained.summary["steps"], trained.summary["best_step"], trained.stopped)
 
 
 @pytest.mark.parametrize("cls, extra", [(GRPOConfig, {}), (GRPOConfig, {"aggregation": "token", "epochs": 2}),
@@ -26,16 +30,17 @@ def run_online(cls, tokenizer, tmp_path, name, resume=False, **overrides):
 def test_critic_free_rl_raises_a_simple_reward(cls, extra, tokenizer, tmp_path):
     run, (_, steps, best, stopped) = run_online(cls, tokenizer, tmp_path, "learn", steps=20, **extra)
     m = run.metrics()
-    early = sum(x["reward/score"] for x in m[:3]) / 3
-    late = sum(x["reward/score"] for x in m[-3:]) / 3
+    early = sum(x[M.REWARD_MEAN] for x in m[:3]) / 3
+    late = sum(x[M.REWARD_MEAN] for x in m[-3:]) / 3
     assert late > early + 0.2, (early, late)
     assert steps == 20 and stopped is None and best is not None
     # The first rollout is the reference's. Old log-probs are the sampler's (KV cache), the reference's a fresh
     # pass: equal up to float rounding.
     assert abs(m[0]["kl/k1"]) < 1e-4 and m[-1]["kl/k1"] > 0.01
-    for key in ("reward/score", "kl/k1", "kl/k3", "policy/entropy", "loss/policy", "length/mean", "second/score",
-                "samples/distinct_2", "alarms", "time/step_s"):
+    for key in ("reward/mean", "reward/std", "kl/k1", "kl/k3", "kl/beta", "policy/entropy", "loss/policy",
+                "length/tokens", "second/mean", "distinct_2", "repetition_3", "alarms", "time/step_s"):
         assert key in m[-1], key
+    assert M.undocumented(m[-1]) == []
 
 
 def test_grpo_with_equal_rewards_does_not_move_the_policy(tokenizer, tmp_path):
@@ -95,22 +100,32 @@ def test_rloo_updates_are_importance_weighted_against_the_old_policy(tokenizer):
     the updates differ (REINFORCE without a ratio ignores pi_old and made them equal)."""
     import torch
 
+    from hhh import losses as L
     from hhh.models import LoraSettings
     from hhh.models.policy import build_policy
-    from hhh.train.grpo import old_and_reference_logprobs, update
+    from hhh.train.groups import Batch, old_and_reference_logprobs, update
     from hhh.train.loop import linear_decay
 
     config = RLOOConfig(**{**TOY, "minibatch_size": 4, "micro_batch_size": 2, "max_grad_norm": 1e9})
+
+    def rloo(logp, i, minibatch, b):  # the loss hhh.train.rloo gives the update
+        value, clipfrac = L.rloo_loss(logp, b.old_logp[i], b.advantages[i], b.mask[i], clip=config.cliprange,
+                                      n_seqs=len(minibatch))
+        return value, clipfrac * (len(i) / len(minibatch))
+
     changes = []
     for shift in (0.0, 1.0):
         policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
         r = _rollout(policy, tokenizer)
-        old, ref, trunk = old_and_reference_logprobs(policy, r, config)
-        adv = torch.tensor([1.0, -1.0] * 4)
-        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
-        stats = update(policy, opt, linear_decay(opt, 10), r, old - shift, ref, trunk, adv, config,
-                       torch.Generator().manual_seed(0))
+        tokens = r.tokens()
+        with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
+            old, ref = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
+            adv = torch.tensor([1.0, -1.0] * 4)
+            before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+            opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+            batch = Batch(tokens, r.response_mask.float(), old - shift, ref, adv, config.kl_coef)
+            stats = update(policy, opt, linear_decay(opt, 10), batch, rloo, config, epochs=1,
+                           generator=torch.Generator().manual_seed(0))
         changes.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in policy.named_parameters()
                                   if p.requires_grad]))
         assert (stats["policy/clipfrac"] > 0.4) == (shift > 0)
@@ -124,7 +139,7 @@ def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):
 
     from hhh.models import LoraSettings
     from hhh.models.policy import build_policy
-    from hhh.train.grpo import old_and_reference_logprobs
+    from hhh.train.groups import old_and_reference_logprobs
 
     config = GRPOConfig(**{**TOY, "dtype": "bfloat16"})
     policy = build_policy(hello_model(tokenizer).to(torch.bfloat16), LoraSettings(r=4, alpha=8))
@@ -133,9 +148,10 @@ def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):
             if "lora_B" in n:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
     r = _rollout(policy, tokenizer)
-    old, _, trunk = old_and_reference_logprobs(policy, r, config)
-    with torch.no_grad():
-        new = policy.forward_response(r.query_ids, r.query_mask, r.response_ids, r.response_mask,
-                                      temperature=config.temperature, values=False, trunk=trunk).logprobs
+    tokens = r.tokens()
+    with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
+        old, _ = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
+        with torch.no_grad():
+            new = policy(tokens, temperature=config.temperature).logprobs
     mask = r.response_mask.bool()
     assert torch.equal(old[mask], new[mask])

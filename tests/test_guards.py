@@ -1,13 +1,20 @@
+from hhh import metrics as M
+from hhh.config import OnlineSettings
 from hhh.train.guards import Guards
 
 
 def step(kl=0.5, entropy=1.5, length=40.0, reward=0.9, second=0.1, repetition=0.0):
-    return {"kl/k1": kl, "policy/entropy": entropy, "length/mean": length, "reward/score": reward,
-            "second/score": second, "samples/repetition_3": repetition}
+    return {M.KL: kl, M.ENTROPY: entropy, M.LENGTH: length, M.REWARD_MEAN: reward, M.SECOND_MEAN: second,
+            M.REPETITION_3: repetition}
+
+
+def test_defaults_come_from_the_settings():
+    g = Guards.from_settings(OnlineSettings())
+    assert (g.kl_budget, g.kl_budget_action) == (OnlineSettings().kl_budget, "raise_beta")
 
 
 def test_quiet_when_nothing_drifts():
-    g = Guards()
+    g = Guards.from_settings(OnlineSettings())
     assert g.check(1, step()) == ([], None)
     assert g.check(2, step(reward=0.92, second=0.12)) == ([], None)
 
@@ -27,8 +34,8 @@ def test_each_alarm():
 
 
 def test_state_round_trips():
-    g = Guards()
+    g = Guards.from_settings(OnlineSettings())
     g.check(1, step())
-    h = Guards()
+    h = Guards.from_settings(OnlineSettings())
     h.load_state_dict(g.state_dict())
     assert h.check(2, step(entropy=0.1)) == g.check(2, step(entropy=0.1))

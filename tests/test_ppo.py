@@ -3,10 +3,11 @@ import json
 import pytest
 import torch
 
+from hhh import metrics as M
 from hhh.config import PPOConfig
 from hhh.models import tiny_causal_lm
 from hhh.runs import RunDir
-from hhh.train.ppo import train_ppo
+from hhh.train.ppo import train as train_ppo
 from tests import toy_rewards
 from tests.conftest import with_eos_bias
 
@@ -38,11 +39,11 @@ def test_ppo_raises_a_simple_reward_and_beta_adapts_up(tokenizer, tmp_path):
     run, result = run_ppo(tokenizer, tmp_path, "learn", steps=24, batch_size=32, minibatch_size=16,
                           micro_batch_size=16, kl_target=1.0, kl_horizon=100)
     m = run.metrics()
-    early = sum(x["reward/score"] for x in m[:3]) / 3
-    late = sum(x["reward/score"] for x in m[-3:]) / 3
+    early = sum(x[M.REWARD_MEAN] for x in m[:3]) / 3
+    late = sum(x[M.REWARD_MEAN] for x in m[-3:]) / 3
     assert late > early + 0.2, (early, late)
     assert m[-1]["kl/k1"] > 1.0 and m[-1]["kl/beta"] > 0.01, "KL above target: beta must grow"
-    assert result.best_step is not None and (run.path / "best" / "adapter_config.json").is_file()
+    assert result.summary["best_step"] is not None and (run.path / "best" / "adapter_config.json").is_file()
     # the final adapter loads with plain PEFT
     from peft import PeftModel
 
@@ -58,22 +59,23 @@ def test_beta_adapts_down_below_target(tokenizer, tmp_path):
 def test_every_step_logs_the_documented_metrics(tokenizer, tmp_path):
     run, _ = run_ppo(tokenizer, tmp_path, "names", steps=1)
     m = run.metrics()[0]
-    for key in ("reward/score", "reward/mean", "kl/k1", "kl/k3", "kl/beta", "policy/entropy", "policy/clipfrac",
-                "policy/approxkl", "loss/policy", "loss/value", "length/mean", "eos_rate", "time/step_s",
-                "second/score", "samples/distinct_2", "alarms"):
+    for key in ("reward/mean", "reward/shaped_mean", "kl/k1", "kl/k3", "kl/beta", "policy/entropy", "policy/clipfrac",
+                "policy/approxkl", "loss/policy", "loss/value", "length/tokens", "eos_rate", "time/step_s",
+                "second/mean", "distinct_2", "repetition_3", "alarms"):
         assert key in m, key
+    assert M.undocumented(m) == []
 
 
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tokenizer, tmp_path):
     straight, _ = run_ppo(tokenizer, tmp_path, "straight", steps=5)
     toy_rewards.CALLS.update(n=0, interrupt_at=2)  # Ctrl-C during step 2
     cut, result = run_ppo(tokenizer, tmp_path, "cut", steps=5, reward="tests.toy_rewards:hello_then_ctrl_c")
-    assert result.stopped == "interrupted" and result.steps_done == 2
+    assert result.stopped == "interrupted" and result.summary["steps"] == 2
     assert json.loads((cut.path / "checkpoints" / "last" / "state.json").read_text())["step"] == 2
     toy_rewards.CALLS.update(n=0, interrupt_at=None)
     _, resumed = run_ppo(tokenizer, tmp_path, "cut", resume=True, steps=5,
                          reward="tests.toy_rewards:hello_then_ctrl_c")
-    assert resumed.steps_done == 5
+    assert resumed.summary["steps"] == 5
 
     def strip(ms):
         return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in ms]
@@ -86,55 +88,85 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer):
     turns the gradient into the weight change (Adam would amplify float noise in near-zero gradients)."""
     from hhh.losses import gae, masked_whiten
     from hhh.models import LoraSettings
+    from hhh.models.critic import Critic
     from hhh.models.policy import build_policy
     from hhh.rollout import sample
     from hhh.train.loop import linear_decay
-    from hhh.train.ppo import _old_forward, ppo_update
+    from hhh.train.ppo import old_passes, ppo_update
 
     changes = []
     for micro in (8, 1):
         config = PPOConfig(**{**TOY, "batch_size": 8, "minibatch_size": 8, "micro_batch_size": micro,
                               "ppo_epochs": 1, "ent_coef": 0.01, "max_grad_norm": 1e9})
         policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
+        critic = Critic(policy)
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
         r = sample(policy.lm, tokenizer, ["a", "bb", "ccc", "d d", "e", "f f f", "g", "h"], max_new_tokens=6,
                    generator=torch.Generator().manual_seed(0))
-        old, _ = _old_forward(policy, r, config)
+        tokens = r.tokens()
+        old = old_passes(policy, critic, tokens, config)
         mask = r.response_mask.float()
         adv, ret = gae(torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask, old.values, mask)
-        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
-        ppo_update(policy, opt, linear_decay(opt, 10), r, old, masked_whiten(adv, mask), ret, config,
+        params = dict(policy.named_parameters()) | {f"head.{n}": p for n, p in critic.named_parameters()}
+        before = {n: p.detach().clone() for n, p in params.items() if p.requires_grad}
+        opt = torch.optim.SGD(policy.trainable_parameters() + critic.trainable_parameters(), lr=1.0)
+        ppo_update(policy, critic, opt, linear_decay(opt, 10), tokens, old, masked_whiten(adv, mask), ret, config,
                    torch.Generator().manual_seed(0))
-        changes.append({n: p.detach() - before[n] for n, p in policy.named_parameters() if p.requires_grad})
+        changes.append({n: params[n].detach() - before[n] for n in before})
     assert any(c.abs().max() > 1e-4 for c in changes[0].values())
+    assert any(n.startswith("head.") for n in changes[0])
     for n in changes[0]:
         torch.testing.assert_close(changes[0][n], changes[1][n], atol=1e-6, rtol=1e-4)
 
 
-def test_top_layer_adapter_trunk_reuse_matches_full_forward(tokenizer):
-    from hhh.models import LoraSettings, attach_lora
-    from hhh.models.policy import PolicyWithValue
-
-    policy = PolicyWithValue(attach_lora(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2)))
-    assert policy.split == 2
+def _perturbed(policy, critic=None):
     with torch.no_grad():
         for n, p in policy.named_parameters():
-            if "lora_B" in n or "value_head" in n:
+            if "lora_B" in n:
                 p.normal_(0, 0.3)
+        if critic is not None:
+            critic.head.weight.normal_(0, 0.3)
+
+
+def test_frozen_trunk_gives_the_full_forward_exactly(tokenizer):
+    """Inside frozen_trunk, passes over the batch or rows of it run only the adapted top layers on the cached
+    trunk: log-probs, entropy, values and reference log-probs equal those of full passes."""
+    from hhh.models import LoraSettings
+    from hhh.models.critic import Critic
+    from hhh.models.policy import build_policy
+    from hhh.rollout import Tokens
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2))
+    critic = Critic(policy)
+    assert policy.split == 2
+    _perturbed(policy, critic)
     q, r = torch.randint(5, 500, (3, 6)), torch.randint(5, 500, (3, 5))
     qm, rm = torch.ones_like(q), torch.ones_like(r)
     qm[0, :2], rm[1, 3:] = 0, 0
-    full = policy.forward_response(q, qm, r, rm, temperature=0.7, entropy=True, keep_trunk=True)
-    top = policy.forward_response(q, qm, r, rm, temperature=0.7, entropy=True, trunk=full.trunk)
-    for a, b in ((full.logprobs, top.logprobs), (full.values, top.values), (full.entropy, top.entropy)):
+    batch = Tokens(q, qm, r, rm)
+    full = policy(batch, temperature=0.7, entropy="train", hidden=True)
+    full_ref = policy.reference_logprobs(batch, temperature=0.7)
+    calls = []
+    hook = policy.lm.get_base_model().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with policy.frozen_trunk(batch, micro_batch_size=2):
+        assert len(calls) == 2  # the trunk: once per micro-batch of the batch, at entry
+        top = policy(batch, temperature=0.7, entropy="train", hidden=True)
+        rows = policy(batch[torch.tensor([2, 0])], temperature=0.7)
+        ref = policy.reference_logprobs(batch[1:], temperature=0.7)
+        assert len(calls) == 2  # nothing after it ran the frozen layers
+    hook.remove()
+    for a, b in ((full.logprobs, top.logprobs), (full.entropy, top.entropy), (full.hidden, top.hidden)):
         torch.testing.assert_close(a, b)
+    torch.testing.assert_close(critic.values(batch, full), critic.values(batch, top))
+    torch.testing.assert_close(rows.logprobs, full.logprobs[[2, 0]])
+    torch.testing.assert_close(ref, full_ref[1:])
     with policy.lm.disable_adapter(), torch.no_grad():
-        plain = policy.forward_response(q, qm, r, rm, temperature=0.7, values=False).logprobs
-    torch.testing.assert_close(policy.reference_logprobs(q, qm, r, rm, temperature=0.7, trunk=full.trunk), plain)
+        plain = policy(batch, temperature=0.7).logprobs
+    torch.testing.assert_close(full_ref, plain)
+    assert policy._trunks == {}  # the cache ends with the block
 
 
 def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):
@@ -145,24 +177,28 @@ def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):
 def test_separate_critic_keeps_the_value_loss_out_of_the_policy(tokenizer):
     from hhh.losses import value_loss
     from hhh.models import LoraSettings
+    from hhh.models.critic import Critic
     from hhh.models.policy import build_policy
+    from hhh.rollout import Tokens
 
-    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2), critic="separate")
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n or "value_head" in n:
-                p.normal_(0, 0.3)
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2))
+    critic = Critic(policy, separate=True, lora=LoraSettings(r=4, top_layers=2))
+    _perturbed(policy, critic)
+    for n, p in policy.named_parameters():
+        if ".critic." in n and "lora_B" in n:
+            p.data.normal_(0, 0.3)
     q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
-    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
-    full = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, keep_trunk=True)
-    top = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, trunk=full.trunk)
-    torch.testing.assert_close(full.values, top.values)  # the critic reuses the frozen trunk too
-    loss, _ = value_loss(top.values, torch.zeros_like(top.values), torch.ones_like(top.values), ones_r.float())
+    batch = Tokens(q, torch.ones_like(q), r, torch.ones_like(r))
+    full = critic.values(batch, policy(batch, temperature=0.7))
+    with policy.frozen_trunk(batch):
+        top = critic.values(batch, policy(batch, temperature=0.7))
+    torch.testing.assert_close(full, top)  # the critic reuses the frozen trunk too
+    loss, _ = value_loss(top, torch.zeros_like(top), torch.ones_like(top), torch.ones_like(top))
     loss.backward()
     grads = {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}
     assert all(g is None or g.abs().max() == 0 for n, g in grads.items() if ".default." in n)
     assert any(g is not None and g.abs().max() > 0 for n, g in grads.items() if ".critic." in n)
-    assert policy.value_head.weight.grad.abs().max() > 0
+    assert critic.head.weight.grad.abs().max() > 0
 
 
 def test_separate_critic_checkpoints_and_resumes(tokenizer, tmp_path):
@@ -171,13 +207,14 @@ def test_separate_critic_checkpoints_and_resumes(tokenizer, tmp_path):
     assert (run.path / "adapter" / "adapter_model.safetensors").is_file()
     config = PPOConfig(**{**TOY, "steps": 3, "critic": "separate", "out": str(run.path)})
     resumed = train_ppo(config, run, base=hello_model(tokenizer), tokenizer=tokenizer, resume=True)
-    assert resumed.steps_done == 3 and [m["step"] for m in run.metrics()] == [1, 2, 3]
+    assert resumed.summary["steps"] == 3 and [m["step"] for m in run.metrics()] == [1, 2, 3]
 
 
 def test_starting_adapter_is_the_reference(tokenizer, tmp_path):
     """From an existing adapter: the reference is a frozen copy of it (KL 0 at start), not the bare base."""
     from hhh.models import LoraSettings, attach_lora
     from hhh.models.policy import build_policy
+    from hhh.rollout import Tokens
 
     start = attach_lora(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
     with torch.no_grad():
@@ -187,12 +224,12 @@ def test_starting_adapter_is_the_reference(tokenizer, tmp_path):
     start.save_pretrained(tmp_path / "start")
     policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8), init_adapter=str(tmp_path / "start"))
     q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
-    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    batch = Tokens(q, torch.ones_like(q), r, torch.ones_like(r))
     with torch.no_grad():
-        pol = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7).logprobs
-        ref = policy.reference_logprobs(q, ones_q, r, ones_r, temperature=0.7)
+        pol = policy(batch, temperature=0.7).logprobs
+        ref = policy.reference_logprobs(batch, temperature=0.7)
         with policy.lm.disable_adapter():
-            bare = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7, values=False).logprobs
+            bare = policy(batch, temperature=0.7).logprobs
     torch.testing.assert_close(pol, ref)
     assert not torch.allclose(ref, bare, atol=1e-3)
     trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
@@ -204,29 +241,32 @@ def test_separate_critic_adapter_still_trains_after_a_reference_pass(tokenizer):
     critic's LoRA must keep its gradient after the reference pass that every PPO step makes first."""
     from hhh.losses import value_loss
     from hhh.models import LoraSettings
+    from hhh.models.critic import Critic
     from hhh.models.policy import build_policy
+    from hhh.rollout import Tokens
 
-    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2), critic="separate")
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2))
+    critic = Critic(policy, separate=True, lora=LoraSettings(r=4, top_layers=2))
     n_trainable = len(policy.trainable_parameters())
     q, r = torch.randint(5, 500, (2, 5)), torch.randint(5, 500, (2, 4))
-    ones_q, ones_r = torch.ones_like(q), torch.ones_like(r)
+    batch = Tokens(q, torch.ones_like(q), r, torch.ones_like(r))
     for _ in range(2):
-        policy.reference_logprobs(q, ones_q, r, ones_r, temperature=0.7)
+        policy.reference_logprobs(batch, temperature=0.7)
     with torch.no_grad():
-        policy.value_head.weight.normal_(0, 0.3)  # lora_B starts at 0: the critic's A gets a gradient only via the head
-    out = policy.forward_response(q, ones_q, r, ones_r, temperature=0.7)
-    loss, _ = value_loss(out.values, torch.zeros_like(out.values), torch.ones_like(out.values), ones_r.float())
+        critic.head.weight.normal_(0, 0.3)  # lora_B starts at 0: the critic's A gets a gradient only via the head
+    values = critic.values(batch, policy(batch, temperature=0.7))
+    loss, _ = value_loss(values, torch.zeros_like(values), torch.ones_like(values), torch.ones_like(values))
     loss.backward()
-    critic = {n: p for n, p in policy.named_parameters() if ".critic." in n and "lora_" in n}
-    assert critic and all(p.requires_grad for p in critic.values())
-    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in critic.values())
+    lora = {n: p for n, p in policy.named_parameters() if ".critic." in n and "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in lora.values())
     assert len(policy.trainable_parameters()) == n_trainable
 
 
 def test_separate_critic_adapter_moves_in_a_real_ppo_step(tokenizer, tmp_path):
     _, result = run_ppo(tokenizer, tmp_path, "critic-moves", steps=1, critic="separate")
-    critic_b = [p for n, p in result.policy.named_parameters() if ".critic." in n and "lora_B" in n]
-    policy_b = [p for n, p in result.policy.named_parameters() if ".default." in n and "lora_B" in n]
+    critic_b = [p for n, p in result.model.named_parameters() if ".critic." in n and "lora_B" in n]
+    policy_b = [p for n, p in result.model.named_parameters() if ".default." in n and "lora_B" in n]
     assert critic_b and max(float(p.detach().abs().max()) for p in critic_b) > 0, "the critic's LoRA never left its init"
     assert max(float(p.detach().abs().max()) for p in policy_b) > 0
 

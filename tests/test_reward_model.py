@@ -9,9 +9,10 @@ import torch
 
 from hhh.cli import main
 from hhh.config import RMConfig
-from hhh.reward_model import build_reward_model, load_reward_model
+from hhh.data.pairs import Pairs, load_pairs
+from hhh.models.reward_model import build_reward_model, load_reward_model
 from hhh.rewards import build_reward
-from hhh.train.rm import Pairs, evaluate_pairs, load_pairs, split_by_prompt, train_rm
+from hhh.train.rm import evaluate_pairs, split_by_prompt, train_rm
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +93,9 @@ def test_training_learns_the_toy_preference_and_saves_normalisation(tiny_encoder
     assert rm.stats == meta["stats"]
     metrics = run.metrics()
     assert metrics[-1]["rm/eval_accuracy"] == 1.0 and "loss/rm" in metrics[0]
+    from hhh import metrics as M
+
+    assert all(M.undocumented(m) == [] for m in metrics)
 
 
 def test_save_load_and_rm_reward_spec(tiny_encoder, toy_pairs, tmp_path):

@@ -2,8 +2,8 @@
 
 The public API, imported lazily so that `import hhh` stays light:
 
-    >>> from hhh import DetoxConfig, detox
-    >>> run = detox(DetoxConfig(steps=2))  # doctest: +SKIP
+    >>> from hhh import DetoxConfig, run_job
+    >>> run = run_job("detox", DetoxConfig(steps=2))  # doctest: +SKIP
 """
 
 from importlib import import_module
@@ -13,16 +13,16 @@ _EXPORTS = {
     "EvalConfig": "hhh.config",
     "PPOConfig": "hhh.config",
     "load_config": "hhh.config",
-    "detox": "hhh.detox",
-    "dpo": "hhh.detox",
-    "online": "hhh.detox",
+    "run_job": "hhh.jobs",
+    "JOBS": "hhh.jobs",
     "DPOConfig": "hhh.config",
     "GRPOConfig": "hhh.config",
     "RLOOConfig": "hhh.config",
     "FrontierConfig": "hhh.config",
     "frontier": "hhh.frontier",
     "evaluate": "hhh.evaluate",
-    "train_ppo": "hhh.train.ppo",
+    "Policy": "hhh.models.policy",
+    "build_policy": "hhh.models.policy",
     "sample": "hhh.rollout",
     "build_reward": "hhh.rewards",
     "load_prompts": "hhh.data",
@@ -35,8 +35,8 @@ _EXPORTS = {
     "RMEvalConfig": "hhh.config",
     "train_rm": "hhh.train.rm",
     "eval_rm": "hhh.train.rm",
-    "build_reward_model": "hhh.reward_model",
-    "load_reward_model": "hhh.reward_model",
+    "build_reward_model": "hhh.models.reward_model",
+    "load_reward_model": "hhh.models.reward_model",
 }
 
 __all__ = sorted(_EXPORTS)

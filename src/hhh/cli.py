@@ -10,15 +10,11 @@ from collections.abc import Callable
 from hhh.config import (
     TOKEN_DAYS,
     ConfigError,
-    DetoxConfig,
-    DPOConfig,
     EvalConfig,
     FrontierConfig,
-    GRPOConfig,
     LabelAutoConfig,
     LabelGenerateConfig,
     LabelServeConfig,
-    RLOOConfig,
     RMConfig,
     RMEvalConfig,
     Settings,
@@ -26,23 +22,32 @@ from hhh.config import (
     is_bool,
     load_config,
 )
+from hhh.jobs import JOBS
 
 
 def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings (flags override it)")
-    for name, annotation, description, default in flag_fields(cls):
-        flag = "--" + name.replace("_", "-")
+    for path, annotation, description, default in flag_fields(cls):
+        dest = "__".join(path)  # eval__max_prompts: the key max_prompts of the [eval] table
+        flag = "--" + "-".join(path).replace("_", "-")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f"{description} (default: {shown})"
         if is_bool(annotation):
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            metavar = "LIST" if typing.get_origin(annotation) is list else name.upper()
-            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
+            metavar = "LIST" if typing.get_origin(annotation) is list else path[-1].upper()
+            parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=help_text)
 
 
 def _settings(args: argparse.Namespace, cls: type[Settings]):
-    overrides = {name: getattr(args, name) for name, *_ in flag_fields(cls)}
+    overrides: dict = {}
+    for path, *_ in flag_fields(cls):
+        value = getattr(args, "__".join(path))
+        if value is not None:
+            table = overrides
+            for key in path[:-1]:
+                table = table.setdefault(key, {})
+            table[path[-1]] = value
     return load_config(cls, args.config, overrides)
 
 
@@ -66,38 +71,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _new_or_resumed(args: argparse.Namespace, job: Callable, cls: type[Settings]) -> int:
-    """A resumable job: from its flags, or (--resume RUN) from the config saved in the run folder."""
-    job(resume=args.resume) if args.resume else job(_settings(args, cls))
-    return 0
+def cmd_job(args: argparse.Namespace) -> int:
+    """A job of hhh.jobs (detox, dpo, grpo, rloo): from its flags, or (--resume RUN) from the run folder's config."""
+    from hhh.jobs import run_job
 
-
-def cmd_detox(args: argparse.Namespace) -> int:
-    from hhh.detox import detox
-
-    return _new_or_resumed(args, detox, DetoxConfig)
-
-
-def cmd_dpo(args: argparse.Namespace) -> int:
-    from hhh.config import DPOConfig
-    from hhh.detox import dpo
-
-    dpo(_settings(args, DPOConfig))
+    job = JOBS[args.command_name]
+    resume = getattr(args, "resume", None)
+    run_job(job.command, None if resume else _settings(args, job.config), resume=resume)
     return 0
 
 
 def cmd_frontier(args: argparse.Namespace) -> int:
     from hhh.frontier import frontier
 
-    return _new_or_resumed(args, frontier, FrontierConfig)
-
-
-def cmd_online(args: argparse.Namespace) -> int:
-    from hhh.config import GRPOConfig, RLOOConfig
-    from hhh.detox import online
-
-    cls = GRPOConfig if args.command_name == "grpo" else RLOOConfig
-    return _new_or_resumed(args, lambda config=None, resume=None: online(config or cls(), resume=resume), cls)
+    frontier(resume=args.resume) if args.resume else frontier(_settings(args, FrontierConfig))
+    return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -266,14 +254,7 @@ def _label_args(name: str, p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespace], int]]] = {
     "eval": ("evaluate a model (+ adapter) on prompt sets: toxicity, reward, KL, perplexity", EvalConfig, cmd_eval),
-    "detox": ("the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
-              DetoxConfig, cmd_detox),
-    "dpo": ("offline preference tuning (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO, KTO), evaluated before/after",
-            DPOConfig, cmd_dpo),
-    "grpo": ("GRPO: G samples per prompt, group-normalised advantages, clipped ratio, k3 KL in the loss",
-             GRPOConfig, cmd_online),
-    "rloo": ("RLOO: leave-one-out baseline, KL in the reward, REINFORCE with a clipped ratio (or REINFORCE++)",
-             RLOOConfig, cmd_online),
+    **{name: (job.help, job.config, cmd_job) for name, job in JOBS.items()},
     "frontier": ("PPO, GRPO, RLOO and DPO at several KL strengths: held-out reward against KL, plot and table",
                  FrontierConfig, cmd_frontier),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
@@ -312,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name in ("detox", "grpo", "rloo", "frontier"):
+        if name == "frontier" or (name in JOBS and JOBS[name].resumable):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")

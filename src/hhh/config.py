@@ -93,27 +93,52 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: invalid TOML ({e})") from None
 
 
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in values.items() if v is not None}
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """`high` over `low`, table by table (a flag for one key of [eval] keeps the file's other [eval] keys)."""
+    out = dict(low)
+    for k, v in high.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_config(cls: type[S], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> S:
     """defaults < TOML file < overrides (flags); raises ConfigError naming the key and where it came from."""
-    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
-    values = {**(read_toml(path) if path else {}), **flags}
+    flags = _without_none(overrides or {})
+    values = _merged(read_toml(path) if path else {}, flags)
     try:
         return cls.model_validate(values)
     except ValidationError as e:
-        loc = e.errors()[0]["loc"]
-        key = str(loc[0]) if loc else ""
-        source = f"flag --{key.replace('_', '-')}" if key in flags else (f"config {path}" if path else "config")
+        loc = [str(part) for part in e.errors()[0]["loc"]]
+        given: Any = flags
+        for part in loc:
+            given = given.get(part) if isinstance(given, dict) else None
+        from_flag = bool(loc) and given is not None
+        flag = "--" + "-".join(loc[:2]).replace("_", "-")
+        source = f"flag {flag}" if from_flag else (f"config {path}" if path else "config")
         raise ConfigError(_one_line(e, source)) from None
 
 
 def to_toml_dict(config: Settings) -> dict[str, Any]:
     """The config as TOML-writable values (None is dropped: TOML has no null)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if v is not None}
+    return _without_none(config.model_dump(mode="json"))
 
 
-def flag_fields(cls: type[Settings]) -> list[tuple[str, Any, str, Any]]:
-    """(name, annotation, description, default) for each field, for generating CLI flags."""
-    return [(n, f.annotation, f.description or "", f.default) for n, f in cls.model_fields.items()]
+def flag_fields(cls: type[Settings]) -> list[tuple[tuple[str, ...], Any, str, Any]]:
+    """(path, annotation, description, default) of every setting, for generating CLI flags: a nested table's
+    settings are (table, key), shown as --table-key."""
+    out: list[tuple[tuple[str, ...], Any, str, Any]] = []
+    for name, f in cls.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Settings):
+            default = f.get_default(call_default_factory=True)
+            out += [((name, sub), g.annotation, g.description or "", getattr(default, sub))
+                    for sub, g in f.annotation.model_fields.items()]
+        else:
+            out.append(((name,), f.annotation, f.description or "", f.default))
+    return out
 
 
 def is_bool(annotation: Any) -> bool:
@@ -124,24 +149,69 @@ def is_bool(annotation: Any) -> bool:
     return False
 
 
-class PolicyLoraSettings(Settings):
-    """The LoRA adapter a policy trains (PPO, DPO, GRPO, RLOO)."""
+class EvalSettings(Settings):
+    """A job's evaluation before and after training: the [eval] table, flags --eval-prompts, --eval-samples..."""
 
+    prompts: list[str] = Field(["redteam:eval", "redteam:heldout*2", "benign:eval*2"],
+                               description="prompt sets evaluated before/after (SET*N: N samples per prompt)")
+    samples: int = Field(4, gt=0, description="completions per eval prompt")
+    max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
+    batch_size: int = Field(64, gt=0, description="completions sampled at once in evaluation")
+
+
+class PolicyJobSettings(GenerationSettings):
+    """A job on the detox task that trains a LoRA policy (PPO, GRPO, RLOO, DPO) and evaluates it before and after."""
+
+    prompts: str = Field("redteam:train", description="training prompt set")
+    reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
     lora_r: int = Field(16, gt=0, description="LoRA rank")
     lora_alpha: int = Field(32, gt=0, description="LoRA alpha")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout written to the adapter's config "
                                                          "(hhh trains policies with dropout off, as TRL does)")
     lora_layers: int | None = Field(10, gt=0, description="adapt only the top N layers (None: all)")
+    eval: EvalSettings = Field(default_factory=EvalSettings, description="evaluation before and after training")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_eval_keys(cls, data: Any) -> Any:
+        # Run folders and config files written before [eval] was a table have eval_prompts = ..., eval_samples = ...
+        if isinstance(data, dict) and any(k in data for k in _FLAT_EVAL):
+            data = dict(data)
+            table = dict(data.get("eval") or {})
+            for flat, key in _FLAT_EVAL.items():
+                if flat in data:
+                    table.setdefault(key, data.pop(flat))
+            data["eval"] = table
+        return data
 
     def lora(self):
         from hhh.models.load import LoraSettings
 
         return LoraSettings(r=self.lora_r, alpha=self.lora_alpha, dropout=self.lora_dropout, top_layers=self.lora_layers)
 
+    def eval_config(self, adapter: str | None = None, *, reward: str | None = None) -> EvalConfig:
+        """`hhh eval`'s settings for this job's evaluation (of `adapter` on the model), scored by `reward` (default:
+        the job's reward)."""
+        return EvalConfig(model=self.model, adapter=adapter, prompts=self.eval.prompts,
+                          samples_per_prompt=self.eval.samples, max_prompts=self.eval.max_prompts,
+                          batch_size=self.eval.batch_size, reward=reward or self.reward,
+                          max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
+                          device=self.device, dtype=self.dtype)
 
-class GuardSettings(Settings):
-    """Guards against reward hacking, held-out checks and checkpoints of the online RL loops (PPO, GRPO, RLOO)."""
 
+_FLAT_EVAL = {"eval_prompts": "prompts", "eval_samples": "samples", "eval_max_prompts": "max_prompts",
+              "eval_batch_size": "batch_size"}
+
+
+class OnlineSettings(PolicyJobSettings):
+    """Online RL (PPO, GRPO, RLOO): a step samples from the policy, then updates it; guards against reward hacking,
+    held-out checks and checkpoints."""
+
+    steps: int = Field(10, gt=0, description="steps (rollout + update)")
+    minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
+    micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
+    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     kl_budget: float | None = Field(4.5, gt=0, description="KL nats/completion that triggers the budget action")
     kl_budget_action: typing.Literal["stop", "raise_beta"] = Field(
         "raise_beta", description="stop, or raise the KL coefficient x1.5")
@@ -153,9 +223,9 @@ class GuardSettings(Settings):
     checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
 
 
-class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
-    # data and reward
-    prompts: str = Field("redteam:train", description="training prompt set")
+class DetoxConfig(OnlineSettings):
+    """`hhh detox`: PPO on the detox task."""
+
     # With toxicity alone PPO's cheapest answer to an insult request is an apology or a refusal, which the second
     # judge (VADER) scores as negative and which shortens answers; the refusal term asks for a polite answer instead
     # (measured in the README). 0.5 moved toxicity too little in 10 steps.
@@ -168,14 +238,10 @@ class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
     reward_clip: float | None = Field(None, gt=0, description="clip (normalised) scores to +-this")
     no_eos_penalty: float = Field(0.0, ge=0, description="subtracted from the score of completions without EOS")
     # schedule
-    steps: int = Field(10, gt=0, description="PPO steps (rollout + update)")
     batch_size: int = Field(32, gt=0, description="completions per step")
-    minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
-    micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
     ppo_epochs: int = Field(2, gt=0, description="passes over each batch")
     # 2e-3: with the refusal term, 1e-3 left toxicity at 0.102 after 10 steps (KL 2.5); 2e-3 reaches the KL budget.
     lr: float = Field(2e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     # PPO
     gamma: float = Field(1.0, ge=0, le=1, description="discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
@@ -193,27 +259,10 @@ class PPOConfig(GuardSettings, PolicyLoraSettings, GenerationSettings):
     kl_estimator: typing.Literal["k1", "k3"] = Field("k1", description="KL estimator in the shaped reward")
     # LoRA
     init_adapter: str | None = Field(None, description="start from this adapter; it also becomes the reference")
-    out: str | None = Field(None, description="run folder (default runs/ppo-TIMESTAMP)")
-
-
-class JobEvalSettings(Settings):
-    """Evaluation before and after training, shared by the jobs on the detox task (detox, dpo, ...)."""
-
-    eval_prompts: list[str] = Field(["redteam:eval", "redteam:heldout*2", "benign:eval*2"],
-                                    description="prompt sets evaluated before/after (SET*N: N samples per prompt)")
-    eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
-    eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
-    eval_batch_size: int = Field(64, gt=0, description="completions sampled at once in evaluation")
-
-    def eval_config(self, adapter: str | None = None) -> EvalConfig:
-        return EvalConfig(model=self.model, adapter=adapter, prompts=self.eval_prompts, samples_per_prompt=self.eval_samples,
-                          max_prompts=self.eval_max_prompts, batch_size=self.eval_batch_size, reward=self.reward,
-                          max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=self.seed,
-                          device=self.device, dtype=self.dtype)
-
-
-class DetoxConfig(JobEvalSettings, PPOConfig):
     out: str | None = Field(None, description="run folder (default runs/detox-TIMESTAMP)")
+
+
+PPOConfig = DetoxConfig  # the PPO trainer's settings are the detox job's
 
 
 class LabelGenerateConfig(GenerationSettings):
@@ -287,7 +336,9 @@ class RMEvalConfig(RMDataSettings):
 DPO_BETA, SIMPO_BETA = 0.1, 2.0
 
 
-class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
+class DPOConfig(PolicyJobSettings):
+    """`hhh dpo`: offline preference tuning (the DPO family) on pairs given or sampled from the model."""
+
     # data
     data: str | None = Field(None, description="pairs: JSONL, hf:NAME[:SPLIT] or a preference store (db:PATH); "
                                                "none: sample pairs from the model and rank them by the reward")
@@ -306,7 +357,7 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
     # loss
     loss: typing.Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")
-    beta: float | None = Field(None, gt=0, description="beta: KL strength of the DPO family (default 0.1); SimPO: "
+    beta: float = Field(DPO_BETA, gt=0, description="beta: KL strength of the DPO family (default 0.1); SimPO: "
                                                         "reward scale (default 2.0, the paper's range is 2-2.5)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability that a label is flipped")
     robust_eps: float = Field(0.1, ge=0, lt=0.5, description="robust DPO: known label-flip rate")
@@ -333,21 +384,14 @@ class DPOConfig(JobEvalSettings, PolicyLoraSettings, GenerationSettings):
         return data
 
 
-class OnlineRLSettings(JobEvalSettings, GuardSettings, PolicyLoraSettings, GenerationSettings):
-    """Critic-free online RL (GRPO, RLOO): G samples per prompt, the same rewards, guards and run folder as PPO."""
+class GroupSettings(OnlineSettings):
+    """Critic-free online RL (GRPO, RLOO): G samples per prompt."""
 
-    prompts: str = Field("redteam:train", description="training prompt set")
-    reward: str = Field("toxicity", description="reward spec (see hhh.rewards), higher is better")
-    steps: int = Field(10, gt=0, description="steps (rollout + update)")
     prompts_per_step: int = Field(8, gt=0, description="prompts per step")
     group_size: int = Field(4, ge=2, description="G: samples per prompt (the group)")
-    minibatch_size: int = Field(16, gt=0, description="completions per optimizer step")
-    micro_batch_size: int = Field(8, gt=0, description="completions per forward/backward (memory bound)")
-    lr: float = Field(1e-3, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
-    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
 
 
-class GRPOConfig(OnlineRLSettings):
+class GRPOConfig(GroupSettings):
     beta: float = Field(0.04, ge=0, description="KL coefficient (k3 estimator, in the loss); 0 turns it off")
     cliprange: float = Field(0.2, gt=0, description="policy ratio clip")
     epochs: int = Field(1, gt=0, description="passes over each batch (mu)")
@@ -357,7 +401,7 @@ class GRPOConfig(OnlineRLSettings):
     out: str | None = Field(None, description="run folder (default runs/grpo-TIMESTAMP)")
 
 
-class RLOOConfig(OnlineRLSettings):
+class RLOOConfig(GroupSettings):
     kl_coef: float = Field(0.05, ge=0, description="beta: KL(pi || ref) in nats subtracted from the reward")
     advantage: typing.Literal["rloo", "reinforce++"] = Field(
         "rloo", description="leave-one-out baseline per group, or REINFORCE++ (token-level KL-shaped return, "
@@ -371,7 +415,12 @@ class RLOOConfig(OnlineRLSettings):
     out: str | None = Field(None, description="run folder (default runs/rloo-TIMESTAMP)")
 
 
-class FrontierConfig(PolicyLoraSettings, GenerationSettings):
+class FrontierEvalSettings(EvalSettings):
+    prompts: list[str] = Field(["redteam:eval"], description="the held-out prompt set every adapter is scored on "
+                                                             "(one set)")
+
+
+class FrontierConfig(PolicyJobSettings):
     """`hhh frontier`: PPO, GRPO, RLOO and DPO on the detox task at several KL strengths, each adapter scored on
     held-out prompts; held-out reward against KL to the reference, one curve per method."""
 
@@ -385,25 +434,32 @@ class FrontierConfig(PolicyLoraSettings, GenerationSettings):
     reward: str = Field("toxicity", description="training reward spec (DPO: ranks the sampled pairs)")
     steps: int | None = Field(None, gt=0, description="steps of PPO, GRPO and RLOO (None: each command's default)")
     dpo_pair_prompts: int | None = Field(None, gt=0, description="prompts DPO pairs are built on (None: hhh dpo's default)")
-    eval_prompts: str = Field("redteam:eval", description="held-out prompt set every adapter is scored on")
     scorer: str = Field("toxicity", description="reward spec of the held-out score (the plot's y axis)")
-    eval_samples: int = Field(4, gt=0, description="completions per eval prompt")
-    eval_max_prompts: int | None = Field(None, gt=0, description="use only the first N eval prompts")
+    eval: FrontierEvalSettings = Field(default_factory=FrontierEvalSettings, description="held-out scoring")
     quick: bool = Field(False, description="a smaller frontier for one CPU hour; fields set explicitly win")
     out: str | None = Field(None, description="run folder (default runs/frontier-TIMESTAMP)")
+
+    @field_validator("eval")
+    @classmethod
+    def _one_eval_set(cls, value: FrontierEvalSettings) -> FrontierEvalSettings:
+        if len(value.prompts) != 1:
+            raise ValueError(f"the frontier scores on one prompt set, got {len(value.prompts)}")
+        return value
 
     def strengths(self, method: str) -> list[float]:
         return {"ppo": self.ppo_kl_coef, "grpo": self.grpo_beta, "rloo": self.rloo_kl_coef,
                 "dpo": self.dpo_beta}[method]
 
     def resolved(self) -> FrontierConfig:
-        """With quick=True, the QUICK values for every field not set explicitly."""
+        """With quick=True, the QUICK values for every setting not set explicitly."""
         if not self.quick:
             return self
-        return self.model_copy(update={k: v for k, v in FRONTIER_QUICK.items() if k not in self.model_fields_set})
+        top = {k: v for k, v in FRONTIER_QUICK.items() if k != "eval" and k not in self.model_fields_set}
+        evals = {k: v for k, v in FRONTIER_QUICK["eval"].items() if k not in self.eval.model_fields_set}
+        return self.model_copy(update={**top, "eval": self.eval.model_copy(update=evals)})
 
 
 # `hhh frontier --quick`: 12 trainings and 13 evaluations in under an hour on 2 CPU cores. Shorter completions
 # and 5 steps per online run; 48 eval prompts x 2 samples (the toxicity CI is then about +-0.03).
 FRONTIER_QUICK: dict[str, typing.Any] = {"max_new_tokens": 32, "steps": 5, "dpo_pair_prompts": 48,
-                                         "eval_max_prompts": 48, "eval_samples": 2}
+                                         "eval": {"max_prompts": 48, "samples": 2}}

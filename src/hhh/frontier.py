@@ -21,38 +21,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hhh.config import (
-    DetoxConfig,
-    DPOConfig,
-    FrontierConfig,
-    GenerationSettings,
-    GRPOConfig,
-    GuardSettings,
-    PolicyLoraSettings,
-    RLOOConfig,
-    load_config,
-)
+from hhh import metrics as M
+from hhh.config import FrontierConfig, OnlineSettings, PolicyJobSettings, load_config
+from hhh.jobs import JOBS, check_prompt_sets, trained_adapter
 from hhh.runs import RunDir
 
-METHODS = {"ppo": (DetoxConfig, "kl_coef"), "grpo": (GRPOConfig, "beta"), "rloo": (RLOOConfig, "kl_coef"),
-           "dpo": (DPOConfig, "beta")}
+# method -> (the command whose trainer it runs, the KL-strength setting varied)
+METHODS = {"ppo": ("detox", "kl_coef"), "grpo": ("grpo", "beta"), "rloo": ("rloo", "kl_coef"), "dpo": ("dpo", "beta")}
 LABELS = {"ppo": "PPO", "grpo": "GRPO", "rloo": "RLOO", "dpo": "DPO"}
 
 
-def method_config(config: FrontierConfig, method: str, strength: float, out: Path):
+def method_config(config: FrontierConfig, method: str, strength: float, out: Path, pairs: Path | None = None):
     """The config of one frontier run: the frontier's model, LoRA, sampling, prompts and reward, the method's
     KL coefficient set to `strength` and held fixed (no KL-budget guard raising it), no held-out split (every
-    training prompt trains; the frontier's own eval is the held-out score)."""
-    cls, field = METHODS[method]
-    shared = set(GenerationSettings.model_fields) | set(PolicyLoraSettings.model_fields)
-    values: dict[str, Any] = {**config.model_dump(include=shared), "prompts": config.prompts,
-                              "reward": config.reward, field: strength, "out": str(out)}
-    if issubclass(cls, GuardSettings):
+    training prompt trains; the frontier's own eval is the held-out score); DPO trains on the shared `pairs`."""
+    command, field = METHODS[method]
+    cls = JOBS[command].config
+    shared = set(PolicyJobSettings.model_fields) - {"eval", "out"}
+    values: dict[str, Any] = {**config.model_dump(include=shared), field: strength, "out": str(out)}
+    if issubclass(cls, OnlineSettings):
         values.update(kl_budget=None, val_prompts=0)
         if config.steps is not None:
             values["steps"] = config.steps
-    elif config.dpo_pair_prompts is not None:
-        values["pair_prompts"] = config.dpo_pair_prompts
+    else:
+        if config.dpo_pair_prompts is not None:
+            values["pair_prompts"] = config.dpo_pair_prompts
+        if pairs is not None:
+            values["data"] = str(pairs)
     return cls(**values)
 
 
@@ -60,21 +55,12 @@ def point_name(method: str, strength: float) -> str:
     return f"{method}-{METHODS[method][1]}-{strength:g}"
 
 
-def _eval_config(config: FrontierConfig, adapter: str | None = None):
-    from hhh.config import EvalConfig
-
-    return EvalConfig(model=config.model, adapter=adapter, prompts=[config.eval_prompts],
-                      samples_per_prompt=config.eval_samples, max_prompts=config.eval_max_prompts,
-                      reward=config.scorer, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                      seed=config.seed, device=config.device, dtype=config.dtype)
-
-
 def _point(method: str, strength: float | None, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     return {"method": method, "kl_field": METHODS[method][1] if method in METHODS else None,
-            "strength": strength, "kl": metrics.get("kl/per_completion", 0.0), "reward": metrics["reward/mean"],
-            "toxicity": metrics["toxicity/mean"], "toxicity_ci95": metrics["toxicity/mean_ci95"],
-            "frac_toxic": metrics["toxicity/frac_toxic"], "vader_neg": metrics["vader/neg_mean"],
-            "distinct_2": metrics["distinct_2"], "length": metrics["length/tokens"], "seconds": round(seconds, 1)}
+            "strength": strength, "kl": metrics.get(M.KL_EVAL, 0.0), "reward": metrics[M.REWARD_MEAN],
+            "toxicity": metrics[M.TOXICITY], "toxicity_ci95": metrics[M.TOXICITY + "_ci95"],
+            "frac_toxic": metrics[M.TOXIC_FRACTION], "vader_neg": metrics[M.VADER_NEG],
+            "distinct_2": metrics[M.DISTINCT_2], "length": metrics[M.LENGTH], "seconds": round(seconds, 1)}
 
 
 def read_points(run: RunDir) -> list[dict[str, Any]]:
@@ -87,25 +73,9 @@ def _add_point(run: RunDir, point: dict[str, Any]) -> None:
         f.write(json.dumps(point) + "\n")
 
 
-def _train(method: str, cfg, sub: RunDir, *, base, tokenizer, pairs, console):
-    """Train one adapter on `base`; returns the PEFT model (base + adapter)."""
-    if method == "ppo":
-        from hhh.train.ppo import train_ppo
-
-        return train_ppo(cfg, sub, base=base, tokenizer=tokenizer, console=console).policy.lm
-    if method in ("grpo", "rloo"):
-        from hhh.train.grpo import train_online
-
-        return train_online(cfg, sub, base=base, tokenizer=tokenizer, console=console)[0].lm
-    from hhh.train.dpo import train_dpo
-
-    return train_dpo(cfg, sub, pairs, base=base, tokenizer=tokenizer, console=console).lm
-
-
 def _dpo_pairs(config: FrontierConfig, run: RunDir, base, tokenizer, console):
     """2. pairs sampled once from the base, kept in the run folder (a resumed frontier reads them back)."""
     from hhh.train.dpo import build_pairs
-    from hhh.train.rm import load_pairs
 
     path = run.path / "pairs.jsonl"
     if not path.is_file():
@@ -116,7 +86,7 @@ def _dpo_pairs(config: FrontierConfig, run: RunDir, base, tokenizer, console):
         tmp.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n"
                                for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected, strict=True)))
         tmp.replace(path)
-    return load_pairs(DPOConfig(data=str(path)), skip_ties=True)
+    return path
 
 
 def frontier(config: FrontierConfig | None = None, *, resume: str | None = None, console=None) -> RunDir:
@@ -127,7 +97,6 @@ def frontier(config: FrontierConfig | None = None, *, resume: str | None = None,
     """
     from rich.console import Console
 
-    from hhh.data import load_prompts
     from hhh.evaluate import evaluate, set_and_samples
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.runs import seed_everything
@@ -142,10 +111,9 @@ def frontier(config: FrontierConfig | None = None, *, resume: str | None = None,
         console.print(f"resuming {run.path}")
     else:
         config = (config or FrontierConfig()).resolved()
-        for spec in (config.prompts, set_and_samples(config.eval_prompts, 1)[0]):  # fail before a model loads
-            load_prompts(spec, limit=1)
+        check_prompt_sets([config.prompts, *config.eval.prompts])  # fail before a model loads
         run = RunDir.create("frontier", config, config.out)
-    key = set_and_samples(config.eval_prompts, config.eval_samples)[0]  # the eval set's name in results
+    key = set_and_samples(config.eval.prompts[0], config.eval.samples)[0]  # the eval set's name in results
     done = {p["name"] for p in read_points(run)}
     todo = [(m, s) for m in config.methods for s in config.strengths(m) if point_name(m, s) not in done]
     seed_everything(config.seed)
@@ -156,8 +124,8 @@ def frontier(config: FrontierConfig | None = None, *, resume: str | None = None,
         if "base" not in done:
             t0 = time.time()
             console.print("[bold]base model")
-            metrics = evaluate(_eval_config(config), model=base, tokenizer=tokenizer, run=run, console=console,
-                               tag="base")[key]
+            metrics = evaluate(config.eval_config(reward=config.scorer), model=base, tokenizer=tokenizer, run=run,
+                               console=console, tag="base")[key]
             _add_point(run, {"name": "base", **_point("base", None, metrics, time.time() - t0)})
         pairs = _dpo_pairs(config, run, base, tokenizer, console) if any(m == "dpo" for m, _ in todo) else None
         # 3. one adapter per method and strength, each on the same base
@@ -168,18 +136,17 @@ def frontier(config: FrontierConfig | None = None, *, resume: str | None = None,
             console.print(f"[bold]{len(done) + i}/{len(todo) + len(done)} {LABELS[method]}, "
                           f"{METHODS[method][1]} = {strength:g}")
             shutil.rmtree(run.path / name, ignore_errors=True)  # a run cut short earlier starts over
-            cfg = method_config(config, method, strength, run.path / name)
+            cfg = method_config(config, method, strength, run.path / name, pairs if method == "dpo" else None)
             sub = RunDir.create(method, cfg, cfg.out)
             t0 = time.time()
             seed_everything(config.seed)
-            model = _train(method, cfg, sub, base=base, tokenizer=tokenizer, pairs=pairs, console=console)
-            if not stop.requested:
-                train_s = time.time() - t0
-                metrics = evaluate(_eval_config(config, str(sub.path / "adapter")), model=model, tokenizer=tokenizer,
-                                   run=sub, console=console)[key]
-                _add_point(run, {"name": name, **_point(method, strength, metrics, time.time() - t0),
-                                 "train_seconds": round(train_s, 1)})
-            base = model.unload()  # the bare base again, for the next adapter
+            with trained_adapter(METHODS[method][0], cfg, sub, base=base, tokenizer=tokenizer, console=console) as trained:
+                if not stop.requested:
+                    train_s = time.time() - t0
+                    metrics = evaluate(config.eval_config(str(sub.path / "adapter"), reward=config.scorer),
+                                       model=trained.model, tokenizer=tokenizer, run=sub, console=console)[key]
+                    _add_point(run, {"name": name, **_point(method, strength, metrics, time.time() - t0),
+                                     "train_seconds": round(train_s, 1)})
     points = read_points(run)
     if stop.requested:
         console.print(f"[yellow]stopped; {len(points)} points kept. Continue with: hhh frontier --resume {run.path}")
@@ -195,8 +162,8 @@ def write_table(run: RunDir, points: list[dict[str, Any]], config: FrontierConfi
     """frontier.md: one row per point, by method then KL."""
     order = {m: i for i, m in enumerate(["base", *METHODS])}
     rows = sorted(points, key=lambda p: (order[p["method"]], p["kl"]))
-    lines = [f"Held-out score ({config.scorer}) on {config.eval_prompts} "
-             f"({config.eval_max_prompts or 'all'} prompts x {config.eval_samples} samples, seed {config.seed}); "
+    lines = [f"Held-out score ({config.scorer}) on {config.eval.prompts[0]} "
+             f"({config.eval.max_prompts or 'all'} prompts x {config.eval.samples} samples, seed {config.seed}); "
              "KL = mean over completions of sum_t log pi/ref (nats).", "",
              "| method | KL strength | KL (nats) | held-out reward | toxicity [95% CI] | frac > 0.5 | VADER neg "
              "| distinct-2 | minutes |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]

@@ -15,6 +15,36 @@ import torch
 from torch import Tensor
 
 
+@dataclass(frozen=True, eq=False)
+class Tokens:
+    """Prompt + response token rows: what every log-prob pass reads. `batch[rows]` is a sub-batch that remembers
+    where its rows came from (so a cached frozen trunk of the whole batch serves it)."""
+
+    query_ids: Tensor      # (B, Q) left-padded, chat-templated prompt tokens
+    query_mask: Tensor     # (B, Q) 1 on real prompt tokens
+    response_ids: Tensor   # (B, R) response tokens, right-padded
+    response_mask: Tensor  # (B, R) 1 on response tokens (EOS included)
+    source: Tokens | None = None  # the batch these rows were taken from
+    rows: Tensor | None = None    # (B,) their indices in `source`
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> Tokens:
+        rows = torch.arange(len(self))[index]
+        parts = (self.query_ids[index], self.query_mask[index], self.response_ids[index], self.response_mask[index])
+        if self.source is None:
+            return Tokens(*parts, source=self, rows=rows)
+        assert self.rows is not None  # a sub-batch always knows its rows
+        return Tokens(*parts, source=self.source, rows=self.rows[rows])
+
+    def ids(self) -> Tensor:  # (B, Q+R)
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    def mask(self) -> Tensor:  # (B, Q+R)
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
 @dataclass(frozen=True)
 class Rollout:
     prompts: list[str]  # raw prompts, before the chat template
@@ -36,6 +66,9 @@ class Rollout:
 
     def attention_mask(self) -> Tensor:  # (B, Q+R)
         return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+    def tokens(self) -> Tokens:
+        return Tokens(self.query_ids, self.query_mask, self.response_ids, self.response_mask)
 
 
 def chat_prompt_ids(tokenizer, prompts: Sequence[str], *, chat: bool = True) -> list[list[int]]:

@@ -1,30 +1,31 @@
-"""Model specs, bundled model conversion, loading with LoRA, tiny test models."""
+"""Model specs, bundled model conversion, loading with LoRA, tiny test models.
 
-from hhh.models.load import (
-    LoraSettings,
-    attach_lora,
-    load_adapter,
-    load_causal_lm,
-    load_tokenizer,
-    pick_device,
-    prepare_tokenizer,
-    tiny_causal_lm,
-)
-from hhh.models.spec import DEFAULT_MODEL, ModelSource, convert_gguf, hhh_home, local_path, resolve
+Names are imported on first use, so that `hhh.models.spec` (what configs read) loads without torch.
+"""
 
-__all__ = [
-    "DEFAULT_MODEL",
-    "LoraSettings",
-    "ModelSource",
-    "attach_lora",
-    "convert_gguf",
-    "hhh_home",
-    "load_adapter",
-    "load_causal_lm",
-    "load_tokenizer",
-    "local_path",
-    "pick_device",
-    "prepare_tokenizer",
-    "resolve",
-    "tiny_causal_lm",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "DEFAULT_MODEL": "hhh.models.spec",
+    "ModelSource": "hhh.models.spec",
+    "convert_gguf": "hhh.models.spec",
+    "hhh_home": "hhh.models.spec",
+    "local_path": "hhh.models.spec",
+    "resolve": "hhh.models.spec",
+    "LoraSettings": "hhh.models.load",
+    "attach_lora": "hhh.models.load",
+    "load_adapter": "hhh.models.load",
+    "load_causal_lm": "hhh.models.load",
+    "load_tokenizer": "hhh.models.load",
+    "pick_device": "hhh.models.load",
+    "prepare_tokenizer": "hhh.models.load",
+    "tiny_causal_lm": "hhh.models.load",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'hhh.models' has no attribute {name!r}")

@@ -60,7 +60,7 @@ def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except Exception as e:
         raise load_error(spec, e) from e
-    model.to(pick_device(device))
+    model.to(pick_device(device))  # type: ignore[arg-type]  # transformers' stubs type .to as a decorator
     model.eval()  # dropout off: PPO ratios must be 1 at the first minibatch
     return model
 
@@ -147,3 +147,19 @@ def tiny_causal_lm(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int =
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+@contextmanager
+def adapter_on(model, adapter: str | Path):
+    """`model` with a saved adapter on it for the length of the block, then the bare model again (PEFT puts its
+    layers into the model in place; this takes them out)."""
+    peft_model = load_adapter(model, adapter)
+    try:
+        yield peft_model
+    finally:
+        remove_adapters(peft_model)
+
+
+def remove_adapters(peft_model):
+    """Take every adapter's layers out of the base model they were put into; returns that base model."""
+    return peft_model.unload()

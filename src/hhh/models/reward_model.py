@@ -7,8 +7,8 @@ Two kinds of backbone:
   the head reads the state of the last token, which has seen everything (as in InstructGPT's reward model).
 
 Saved as a folder `model/` inside the run: rm.json (backbone spec, kind, normalisation statistics), head.pt,
-and the trained backbone (LoRA adapter, or the whole backbone's weights). `RewardModelReward` loads it as a
-reward source: `reward = "rm:RUN_DIR"` gives (r - mean) / std with the statistics of its training data.
+and the trained backbone (LoRA adapter, or the whole backbone's weights). `hhh.rewards.builtin.RewardModelReward`
+loads it as a reward source: `reward = "rm:RUN_DIR"` gives (r - mean) / std with the statistics of its training data.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class RewardModel(nn.Module):
         if kind not in ("encoder", "causal"):
             raise ValueError(f"reward model kind must be encoder or causal, got {kind!r}")
         self.backbone, self.tokenizer, self.kind, self.spec, self.max_length = backbone, tokenizer, kind, spec, max_length
-        hidden = backbone.config.hidden_size
+        backbone_config: Any = backbone.config  # a transformers config
+        hidden = int(backbone_config.hidden_size)
         self.head = nn.Linear(hidden, 1)
         nn.init.normal_(self.head.weight, std=1 / (hidden + 1) ** 0.5)
         nn.init.zeros_(self.head.bias)
@@ -98,7 +99,7 @@ class RewardModel(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         lora = hasattr(self.backbone, "peft_config")
         if lora:
-            self.backbone.save_pretrained(path / "adapter")
+            self.backbone.save_pretrained(path / "adapter")  # type: ignore[operator]  # a peft model
         else:
             from safetensors.torch import save_file
 
@@ -179,14 +180,3 @@ def load_reward_model(path: str | Path, *, device: str = "auto") -> RewardModel:
     model.stats = meta["stats"]
     model.to(pick_device(device)).eval()
     return model
-
-
-class RewardModelReward:
-    """`rm:RUN_DIR` as a reward source: normalised rewards (mean 0, std 1 on the reward model's training data)."""
-
-    def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64) -> None:
-        self.model = load_reward_model(path, device=device)
-        self.name, self.batch_size = f"rm:{path}", batch_size
-
-    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
-        return self.model.score(prompts, completions, batch_size=self.batch_size, normalize=True)

@@ -6,6 +6,7 @@ import html
 import json
 from pathlib import Path
 
+from hhh import metrics as M
 from hhh.evaluate import ROWS, samples_file
 from hhh.runs import RunDir
 
@@ -16,19 +17,19 @@ def _plot_curves(metrics: list[dict], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("reward/score", "reward (raw score)"), ("kl/k1", "KL to reference (nats/completion)"),
-              ("policy/entropy", "entropy (nats/token)"), ("length/mean", "completion length (tokens)"),
-              ("loss/dpo", "preference loss"), ("rewards/margin", "implicit reward margin"),
-              ("rewards/accuracy", "implicit reward accuracy"), ("logps/chosen", "log-prob of chosen (sum)"),
-              ("logps/rejected", "log-prob of rejected (sum)")]
+    panels = [(M.REWARD_MEAN, "reward (raw score)"), (M.KL, "KL to reference (nats/completion)"),
+              (M.ENTROPY, "entropy (nats/token)"), (M.LENGTH, "completion length (tokens)"),
+              (M.LOSS_PREFERENCE, "preference loss"), (M.IMPLICIT_MARGIN, "implicit reward margin"),
+              (M.IMPLICIT_ACCURACY, "implicit reward accuracy"), (M.LOGPS_CHOSEN, "log-prob of chosen (sum)"),
+              (M.LOGPS_REJECTED, "log-prob of rejected (sum)")]
     panels = [(key, title) for key, title in panels if any(key in m for m in metrics)]
     names = []
     steps = [m["step"] for m in metrics]
     for key, title in panels:
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(steps, [m.get(key) for m in metrics], marker="o", ms=3)
-        if key == "reward/score":
-            val = [(m["step"], m["val/reward"]) for m in metrics if "val/reward" in m]
+        ax.plot(steps, [m.get(key, float("nan")) for m in metrics], marker="o", ms=3)
+        if key == M.REWARD_MEAN:
+            val = [(m["step"], m[M.VAL_REWARD]) for m in metrics if M.VAL_REWARD in m]
             if val:
                 ax.plot(*zip(*val, strict=True), marker="s", ls="--", label="held-out")
                 ax.legend()
@@ -81,7 +82,8 @@ def _metrics_table(before: dict, after: dict) -> str:
 
 def _samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
     """The first completion of each of the first n prompts, before and after (same prompts, same seed)."""
-    first_b, first_a = {}, {}
+    first_b: dict[str, dict] = {}
+    first_a: dict[str, dict] = {}
     for s in before:
         first_b.setdefault(s["prompt"], s)
     for s in after:

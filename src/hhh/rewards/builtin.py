@@ -136,3 +136,16 @@ class PythonFunction:
         if values.numel() != len(completions):
             raise ValueError(f"reward {self.name}: returned {values.numel()} scores for {len(completions)} completions")
         return values
+
+
+class RewardModelReward:
+    """`rm:RUN_DIR` as a reward source: normalised rewards (mean 0, std 1 on the reward model's training data)."""
+
+    def __init__(self, path: str, *, device: str = "auto", batch_size: int = 64) -> None:
+        from hhh.models.reward_model import load_reward_model
+
+        self.model = load_reward_model(path, device=device)
+        self.name, self.batch_size = f"rm:{path}", batch_size
+
+    def score(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        return self.model.score(prompts, completions, batch_size=self.batch_size, normalize=True)

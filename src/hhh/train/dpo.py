@@ -3,7 +3,7 @@
     # 1. pairs: a JSONL / hf: / preference-store set, or sampled from the base model and ranked by the reward
     # 2. tokens: chat-formatted prompt (as in rollout) + each completion + EOS; fixed minibatches of pairs
     # 3. reference log-probs: the same base with the adapter disabled, once per minibatch, cached
-    #    (the frozen lower layers' output is cached too: later passes run only the adapted top layers)
+    #    (the frozen lower layers' output is cached too, Policy.frozen_trunk: later passes run only the top layers)
     # 4. epochs over the minibatches (shuffled order): policy log-probs of chosen and rejected, the loss
     # 5. log: loss, implicit rewards beta*(log pi - log ref) of both, margin, accuracy, and both log-probs
     #    (both usually fall; the margin is what DPO raises)
@@ -23,11 +23,13 @@ import torch
 from torch import Tensor
 
 from hhh import losses as L
+from hhh import metrics as M
 from hhh.config import DPOConfig
-from hhh.rollout import chat_prompt_ids, left_pad
+from hhh.data.pairs import Pairs, load_pairs
+from hhh.models.policy import Policy
+from hhh.rollout import Tokens, chat_prompt_ids, left_pad
 from hhh.runs import RunDir
-from hhh.train.loop import GracefulStop, clip_and_step, linear_decay, step_generator
-from hhh.train.rm import Pairs
+from hhh.train.loop import GracefulStop, Trained, clip_and_step, linear_decay, step_generator
 
 MEAN_LOGP = ("ipo", "simpo", "orpo")  # losses on per-token mean log-probs
 NO_REFERENCE = ("simpo", "orpo")
@@ -35,21 +37,19 @@ NO_REFERENCE = ("simpo", "orpo")
 
 @dataclass(frozen=True)
 class Minibatch:
-    query_ids: Tensor      # (2b, Q) left-padded prompts: rows [0, b) for chosen, [b, 2b) for rejected
-    query_mask: Tensor     # (2b, Q)
-    response_ids: Tensor   # (2b, R) completion + EOS, right-padded
-    response_mask: Tensor  # (2b, R) 1 on completion tokens and EOS
-    mismatched: Minibatch | None = None  # KTO: (2b) rows, prompt of row k with the completion of row k+1 mod 2b
+    tokens: Tokens  # (2b rows): rows [0, b) are the prompts with their chosen completion, [b, 2b) the same prompts
+                    # with their rejected one; completion + EOS, right-padded
+    mismatched: Tokens | None = None  # KTO: (2b rows), the prompt of row k with the completion of row k+1 mod 2b
 
     @property
     def pairs(self) -> int:
-        return self.query_ids.shape[0] // 2
+        return len(self.tokens) // 2
 
-    def rows(self, pairs: slice) -> tuple[Tensor, Minibatch]:
-        """The rows of `pairs` (chosen ones, then their rejected ones) and that smaller minibatch."""
+    def rows(self, pairs: slice) -> tuple[Tensor, Tokens]:
+        """The row indices of `pairs` (their chosen rows, then their rejected rows) and those rows."""
         b = self.pairs
-        idx = torch.cat([torch.arange(b)[pairs], torch.arange(b)[pairs] + b]).to(self.query_ids.device)
-        return idx, Minibatch(self.query_ids[idx], self.query_mask[idx], self.response_ids[idx], self.response_mask[idx])
+        idx = torch.cat([torch.arange(b)[pairs], torch.arange(b)[pairs] + b])
+        return idx, self.tokens[idx]
 
 
 def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
@@ -83,7 +83,7 @@ def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
     return out
 
 
-def _tensors(tokenizer, prompts: list[str], completions: list[str], max_tokens: int, device) -> tuple[Tensor, ...]:
+def _tokens(tokenizer, prompts: list[str], completions: list[str], max_tokens: int, device) -> Tokens:
     q_ids, q_mask = left_pad(chat_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id, device)
     tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
              for c in completions]
@@ -93,7 +93,7 @@ def _tensors(tokenizer, prompts: list[str], completions: list[str], max_tokens: 
     for i, t in enumerate(tails):
         r_ids[i, : len(t)] = torch.tensor(t)
         r_mask[i, : len(t)] = 1
-    return q_ids, q_mask, r_ids.to(device), r_mask.to(device)
+    return Tokens(q_ids, q_mask, r_ids.to(device), r_mask.to(device))
 
 
 def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Minibatch]:
@@ -102,7 +102,7 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
     out = []
     for i in range(0, len(order), config.batch_size):
         b = pairs.take(order[i:i + config.batch_size])
-        tensors = _tensors(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
+        tokens = _tokens(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
         mismatched = None
         if config.loss == "kto":
             # KTO's reference point [Ethayarajh24 sec. 4.1]: each of the 2b examples (x_k, y_k), desirable and
@@ -111,26 +111,20 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
             # rotation pairs x_0 with its own other answer; TRL's rotation has the same limit.)
             completions = b.chosen + b.rejected
             shifted = completions[1:] + completions[:1]
-            mismatched = Minibatch(*_tensors(tokenizer, b.prompts * 2, shifted, config.max_completion_tokens, device))
-        out.append(Minibatch(*tensors, mismatched=mismatched))
+            mismatched = _tokens(tokenizer, b.prompts * 2, shifted, config.max_completion_tokens, device)
+        out.append(Minibatch(tokens, mismatched))
     return out
 
 
-def sequence_logps(policy, mb: Minibatch, *, reference: bool = False, trunk: Tensor | None = None,
-                   keep_trunk: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(sum, mean) of log pi over each row's completion tokens, (2b,) each, and the trunk if kept.
+def sequence_logps(policy: Policy, tokens: Tokens, *, reference: bool = False) -> tuple[Tensor, Tensor]:
+    """(sum, mean) of log pi over each row's completion tokens, (2b,) each.
 
     At temperature 1, whatever the sampling temperature: the DPO family's beta is defined on the model's own
     log-probs (the DPO paper, TRL), and at T = 0.7 every sequence log-prob, and so the margin, would be rescaled."""
-    args = (mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask)
-    if reference:
-        with torch.no_grad(), policy.reference():
-            f = policy.forward_response(*args, temperature=1.0, values=False, trunk=trunk, keep_trunk=keep_trunk)
-    else:
-        f = policy.forward_response(*args, temperature=1.0, values=False, trunk=trunk, keep_trunk=keep_trunk)
-    mask = mb.response_mask.float()
-    total = (f.logprobs * mask).sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1), f.trunk
+    logp = policy.reference_logprobs(tokens, temperature=1.0) if reference else policy(tokens, temperature=1.0).logprobs
+    mask = tokens.response_mask.float()
+    total = (logp * mask).sum(-1)
+    return total, total / mask.sum(-1).clamp(min=1)
 
 
 def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor] | None,
@@ -143,6 +137,8 @@ def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Ten
         return L.simpo_loss(pc, pr, beta=config.beta, gamma=config.simpo_gamma_ratio * config.beta)
     if config.loss == "orpo":
         return L.orpo_loss(pc, pr, -pc, lam=config.orpo_lambda)
+    if ref is None:
+        raise ValueError(f"loss {config.loss!r} needs the reference's log-probs")
     rc, rr = ref[which][:b], ref[which][b:]
     if config.loss == "sigmoid":
         return L.dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
@@ -153,16 +149,28 @@ def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Ten
     if config.loss == "hinge":
         return L.hinge_loss(pc, pr, rc, rr, beta=config.beta)
     if config.loss == "kto":
+        if kl is None:
+            raise ValueError("KTO needs its reference point (the mismatched pairs' KL)")
         desirable = torch.arange(2 * b, device=pi[0].device) < b
         return L.kto_loss(pi[0], ref[0], desirable, kl, beta=config.beta, lambda_d=config.kto_lambda_d,
                           lambda_u=config.kto_lambda_u)
     raise ValueError(f"unknown loss {config.loss!r}")
 
 
-def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, console) -> object:
+def train(config: DPOConfig, run: RunDir, *, base, tokenizer, console=None, resume: bool = False) -> Trained:
+    """The jobs table's entry: pairs from `config.data`, or sampled from `base` and ranked by the reward; then
+    `train_dpo`. (No checkpoints: a DPO run is short and restarts whole.)"""
+    pairs = load_pairs(config, skip_ties=True) if config.data else build_pairs(config, base, tokenizer, console)
+    if not len(pairs):
+        raise ValueError("no preference pairs to train on (lower --min-gap, or give --data)")
+    run.write_json("pairs.json", {"pairs": len(pairs), "source": config.data or f"sampled from {config.model}"})
+    policy = train_dpo(config, run, pairs, base=base, tokenizer=tokenizer, console=console)
+    return Trained(policy.lm, {"pairs": len(pairs), "loss": config.loss})
+
+
+def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, console=None) -> Policy:
     """Train a LoRA adapter on preference pairs; saves RUN/adapter and logs one line per optimizer step."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from hhh.models.policy import build_policy
 
@@ -171,16 +179,22 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     device = next(policy.parameters()).device
     # 2. tokens, fixed minibatches
     batches = minibatches(pairs, tokenizer, config, device)
-    # 3. reference log-probs and frozen trunks, once
+    # 3. the frozen trunk of every minibatch and the reference log-probs, once
     t0 = time.time()
-    refs, trunks, kto_refs = [], [], []
-    for mb in batches:
-        s, m, trunk = sequence_logps(policy, mb, reference=True, keep_trunk=True)
-        refs.append((s, m))
-        trunks.append(trunk)
-        if mb.mismatched is not None:
-            kto_refs.append(sequence_logps(policy, mb.mismatched, reference=True)[0])
-    console.print(f"reference log-probs of {2 * len(pairs)} completions in {time.time() - t0:.0f} s")
+    with policy.frozen_trunk(*(mb.tokens for mb in batches)):
+        refs = [sequence_logps(policy, mb.tokens, reference=True) for mb in batches]  # (sum, mean), (2b,) each
+        kto_refs = [sequence_logps(policy, mb.mismatched, reference=True)[0] if mb.mismatched is not None else None
+                    for mb in batches]
+        console.print(f"reference log-probs of {2 * len(pairs)} completions in {time.time() - t0:.0f} s")
+        _epochs(config, run, policy, batches, refs, kto_refs, console)
+    policy.save(run.path / "adapter")
+    return policy
+
+
+def _epochs(config: DPOConfig, run: RunDir, policy: Policy, batches: list[Minibatch], refs, kto_refs, console) -> None:
+    """4.-5. Epochs over the minibatches in shuffled order: one optimizer step and one log line each."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, weight_decay=0.0)
     scheduler = linear_decay(optimizer, config.epochs * len(batches))
     step = 0
@@ -203,36 +217,33 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
                 for i in range(0, b, config.micro_batch_size):
                     pairs_i = slice(i, min(i + config.micro_batch_size, b))
                     idx, part = mb.rows(pairs_i)
-                    s, m, _ = sequence_logps(policy, part, trunk=None if trunks[j] is None else trunks[j][idx])
+                    s, m = sequence_logps(policy, part)
                     ref = None if config.loss in NO_REFERENCE else (refs[j][0][idx], refs[j][1][idx])
                     share = (pairs_i.stop - pairs_i.start) / b
                     micro_loss = preference_loss(config, (s, m), ref, kl) * share
                     micro_loss.backward()
                     loss += float(micro_loss.detach())
-                    parts.append(s.detach().view(2, -1))
+                    parts.append(s.detach().view(2, -1))  # (2, pairs in the micro-batch): its chosen, its rejected
                 s = torch.cat(parts, 1).reshape(-1)  # (2b,) chosen rows, then rejected, as in the minibatch
                 grad_norm = clip_and_step(policy.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
                 step += 1
                 # 5. log
                 chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()
                 rejected = config.beta * (s[b:] - refs[j][0][b:]).detach()
-                metrics = {"step": step, "epoch": epoch, "loss/dpo": loss,
-                           "rewards/chosen": float(chosen.mean()), "rewards/rejected": float(rejected.mean()),
-                           "rewards/margin": float((chosen - rejected).mean()),
-                           "rewards/accuracy": float((chosen > rejected).float().mean()),
-                           "logps/chosen": float(s[:b].detach().mean()), "logps/rejected": float(s[b:].detach().mean()),
-                           "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                metrics = {"step": step, "epoch": epoch, M.LOSS_PREFERENCE: loss,
+                           M.IMPLICIT_CHOSEN: float(chosen.mean()), M.IMPLICIT_REJECTED: float(rejected.mean()),
+                           M.IMPLICIT_MARGIN: float((chosen - rejected).mean()),
+                           M.IMPLICIT_ACCURACY: float((chosen > rejected).float().mean()),
+                           M.LOGPS_CHOSEN: float(s[:b].detach().mean()), M.LOGPS_REJECTED: float(s[b:].detach().mean()),
+                           M.GRAD_NORM: float(grad_norm), M.LR: scheduler.get_last_lr()[0],
                            "time/step_s": time.time() - t_step}
                 if kl is not None:
-                    metrics["kto/kl"] = float(kl)
+                    metrics[M.KTO_KL] = float(kl)
                 run.log(metrics)
-                bar.update(task, completed=step, description=f"loss {metrics['loss/dpo']:.3f}  margin "
-                           f"{metrics['rewards/margin']:.3f}  acc {metrics['rewards/accuracy']:.2f}")
+                bar.update(task, completed=step, description=f"loss {loss:.3f}  margin "
+                           f"{metrics[M.IMPLICIT_MARGIN]:.3f}  acc {metrics[M.IMPLICIT_ACCURACY]:.2f}")
                 if stop.requested:
                     break
             if stop.requested:
                 console.print("stopped early (Ctrl-C): saving the adapter as it is")
                 break
-    policy.lm.eval()
-    policy.save(run.path / "adapter")
-    return policy

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hhh import metrics as M
+
 
 @dataclass
 class Guards:
-    kl_budget: float | None = 8.0
-    kl_budget_action: str = "raise_beta"
-    entropy_floor: float = 0.3
-    length_drift: float = 0.5
+    kl_budget: float | None  # nats per completion; the defaults live in hhh.config.OnlineSettings
+    kl_budget_action: str
+    entropy_floor: float
+    length_drift: float
     divergence_margin: float = 0.05  # rise in train reward that the second judge must follow
     first_entropy: float | None = None
     first_length: float | None = None
@@ -24,23 +26,29 @@ class Guards:
     first_second: float | None = None
     alarms: list[dict] = field(default_factory=list)
 
+    @classmethod
+    def from_settings(cls, settings) -> Guards:
+        """From a config with OnlineSettings fields."""
+        return cls(settings.kl_budget, settings.kl_budget_action, settings.entropy_floor, settings.length_drift)
+
     def check(self, step: int, m: dict[str, float]) -> tuple[list[str], str | None]:
         """Returns (alarm names raised this step, action: None | "stop" | "raise_beta")."""
-        if self.first_entropy is None:
-            self.first_entropy, self.first_length = m["policy/entropy"], m["length/mean"]
-            self.first_reward, self.first_second = m["reward/score"], m["second/score"]
+        if self.first_entropy is None or self.first_length is None or self.first_reward is None \
+                or self.first_second is None:
+            self.first_entropy, self.first_length = m[M.ENTROPY], m[M.LENGTH]
+            self.first_reward, self.first_second = m[M.REWARD_MEAN], m[M.SECOND_MEAN]
         raised, action = [], None
-        if self.kl_budget is not None and m["kl/k1"] > self.kl_budget:
+        if self.kl_budget is not None and m[M.KL] > self.kl_budget:
             raised.append("kl_budget")
             action = self.kl_budget_action
-        if m["policy/entropy"] < self.entropy_floor * self.first_entropy:
+        if m[M.ENTROPY] < self.entropy_floor * self.first_entropy:
             raised.append("entropy_collapse")
-        if not self.length_drift * self.first_length <= m["length/mean"] <= self.first_length / self.length_drift:
+        if not self.length_drift * self.first_length <= m[M.LENGTH] <= self.first_length / self.length_drift:
             raised.append("length_drift")
-        if m.get("samples/repetition_3", 0.0) > 0.5:
+        if m.get(M.REPETITION_3, 0.0) > 0.5:
             raised.append("repetition")
-        reward_gain = m["reward/score"] - self.first_reward
-        second_gain = m["second/score"] - self.first_second
+        reward_gain = m[M.REWARD_MEAN] - self.first_reward
+        second_gain = m[M.SECOND_MEAN] - self.first_second
         if reward_gain > self.divergence_margin and second_gain <= 0:
             raised.append("reward_divergence")
         for name in raised:

@@ -11,76 +11,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from hhh.config import RMConfig, RMDataSettings, RMEvalConfig
+from hhh import metrics as M
+from hhh.config import RMConfig, RMEvalConfig
+from hhh.data.pairs import Pairs, load_pairs
 from hhh.losses import bradley_terry_loss
 from hhh.runs import RunDir, seed_everything
 from hhh.train.loop import GracefulStop, clip_and_step, linear_decay
-
-
-@dataclass(frozen=True)
-class Pairs:
-    prompts: list[str]
-    chosen: list[str]
-    rejected: list[str]
-    tie: list[bool]
-    margin: list[float | None]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def take(self, index: Sequence[int]) -> Pairs:
-        return Pairs(*([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin")))
-
-
-def load_pairs(settings: RMDataSettings, *, skip_ties: bool = False) -> Pairs:
-    """Pairs from a JSONL file, an hf: dataset or a preference store; ties marked, or left out (before max_pairs)."""
-    data = settings.data
-    if data.startswith("db:") or data.endswith(".db"):
-        from hhh.feedback.store import Store
-
-        db = data.removeprefix("db:")
-        if "://" not in db and not Path(db).is_file():
-            raise FileNotFoundError(f"data {data!r}: no preference store at {db}")
-        rows = Store(db).pairs(source=settings.data_source, labelers=settings.labelers)
-    elif data.startswith("hf:"):
-        rows = _hf_rows(data)
-    else:
-        from hhh.feedback.io import read_records
-
-        if not Path(data).is_file():
-            raise FileNotFoundError(f"data {data!r}: no such file")
-        rows = []
-        for rec in read_records(data, "pairs"):
-            rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
-                         "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
-    if skip_ties:
-        rows = [r for r in rows if not r.get("tie")]
-    rows = rows[: settings.max_pairs] if settings.max_pairs else rows
-    if not rows:
-        raise ValueError(f"data {data!r}: no preference pairs")
-    return Pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
-                 [bool(r.get("tie")) for r in rows], [r.get("margin") for r in rows])
-
-
-def _hf_rows(spec: str) -> list[dict]:
-    from datasets import load_dataset
-
-    from hhh.feedback.io import _pair_record
-
-    name, _, split = spec[3:].partition(":")
-    rows = []
-    for i, row in enumerate(load_dataset(name, split=split or "train")):
-        rec = _pair_record(dict(row), f"{spec} row {i}")
-        rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
-                     "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
-    return rows
 
 
 def split_by_prompt(pairs: Pairs, fraction: float, seed: int) -> tuple[Pairs, Pairs]:
@@ -163,7 +103,7 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
     from rich.progress import Progress
 
     from hhh.models.load import LoraSettings
-    from hhh.reward_model import build_reward_model
+    from hhh.models.reward_model import build_reward_model
 
     console = console or Console(stderr=True)
     pairs = load_pairs(config, skip_ties=config.ties == "skip")  # bad data fails before anything is created
@@ -185,7 +125,8 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
     steps_per_epoch = len(prompt_batches(train, config.batch_size, np.random.default_rng(0)))
     scheduler = linear_decay(optimizer, steps_per_epoch * config.epochs)
     stop = GracefulStop()
-    step, start, report = 0, time.time(), {}
+    step, start = 0, time.time()
+    report: dict = {}
     # 3. epochs over shuffled minibatches
     with stop, Progress(console=console, transient=True) as bar:
         task = bar.add_task("training reward model", total=steps_per_epoch * config.epochs)
@@ -202,15 +143,15 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
                 step += 1
                 ordered = ~tie
                 acc = float(((r_c - r_r) > 0)[ordered].float().mean()) if ordered.any() else float("nan")
-                run.log({"step": step, "epoch": epoch, "loss/rm": loss.item(), "rm/train_accuracy": acc,
-                         "rm/chosen": r_c.mean().item(), "rm/rejected": r_r.mean().item(),
+                run.log({"step": step, "epoch": epoch, M.LOSS_RM: loss.item(), M.RM_TRAIN_ACCURACY: acc,
+                         M.RM_CHOSEN: r_c.mean().item(), M.RM_REJECTED: r_r.mean().item(),
                          "time/elapsed_s": time.time() - start})
                 bar.advance(task)
                 if stop.requested:
                     break
             # 4. held-out evaluation
             report = evaluate_pairs(model, held_out, config.batch_size) if len(held_out) else {"pairs": 0}
-            run.log({"step": step, "epoch": epoch, **{f"rm/eval_{k}": v for k, v in report.items()
+            run.log({"step": step, "epoch": epoch, **{M.RM_EVAL + k: v for k, v in report.items()
                                                       if isinstance(v, int | float)}})
             if "accuracy" in report:
                 console.print(f"epoch {epoch + 1}: held-out accuracy {report['accuracy']:.3f} on {report['pairs']} pairs, "
@@ -230,7 +171,7 @@ def train_rm(config: RMConfig, *, console=None) -> RunDir:
 
 def eval_rm(config: RMEvalConfig) -> tuple[RunDir, dict]:
     """Accuracy and calibration of a trained reward model on every ordered pair of `config.data`."""
-    from hhh.reward_model import load_reward_model
+    from hhh.models.reward_model import load_reward_model
 
     pairs = load_pairs(config, skip_ties=True)
     model = load_reward_model(config.model, device=config.device)

@@ -1,0 +1,144 @@
+"""What the critic-free methods share (GRPO in hhh.train.grpo, RLOO and REINFORCE++ in hhh.train.rloo): G samples
+per prompt, scored, compared with the reference, and a policy-gradient update whose advantage and loss are the
+method's own.
+
+Each step:
+  1. rollout: G samples for each of the step's prompts from the policy (rows grouped by prompt)
+  2. score: reward function on (prompt, completion)
+  3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own in fp32,
+     recorded in step 1 (recomputed through the training forward in bf16/fp16)
+  4. advantages: the method's `advantages(score, kl, mask, beta)`
+  5. update: `epochs` passes over shuffled minibatches, the method's `loss` per micro-batch
+  6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hhh import losses as L
+from hhh import metrics as M
+from hhh.config import GroupSettings
+from hhh.models.policy import Policy, Tokens
+from hhh.rollout import Rollout, sample
+from hhh.runs import RunDir
+from hhh.train.loop import (
+    MINIBATCHES,
+    OnlineRun,
+    Trained,
+    chunks,
+    linear_decay,
+    minibatch_updates,
+    sample_stats,
+    split_prompts,
+    step_generator,
+    step_prompts,
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's samples and what the update needs of them."""
+
+    tokens: Tokens
+    mask: Tensor        # (B, R) float, 1 on completion tokens
+    old_logp: Tensor    # (B, R) the policy that sampled
+    ref_logp: Tensor    # (B, R) the reference
+    advantages: Tensor  # (B,) one per completion, or (B, R) one per token
+    beta: float         # the KL coefficient of this step
+
+
+# loss(new log-probs (b, R), the micro-batch's rows, the minibatch's rows, batch) -> (loss share, clip fraction share)
+Loss = Callable[[Tensor, Tensor, Tensor, Batch], tuple[Tensor, Tensor]]
+Advantages = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+@torch.no_grad()
+def old_and_reference_logprobs(policy: Policy, r: Rollout, tokens: Tokens, micro_batch_size: int,
+                               temperature: float) -> tuple[Tensor, Tensor]:
+    """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches.
+
+    In fp32 the sampler's log-probs (KV cache) equal a fresh forward to ~1e-6 and serve as the old policy's (one
+    policy pass fewer per step); in bf16/fp16 they differ by up to ~5e-2, which would clip the first ratio, so the
+    old log-probs are then recomputed through the training forward."""
+    recompute = policy.lm.get_base_model().dtype != torch.float32
+    olds, refs = [], []
+    for s in chunks(len(tokens), micro_batch_size):
+        refs.append(policy.reference_logprobs(tokens[s], temperature=temperature))
+        olds.append(policy(tokens[s], temperature=temperature).logprobs if recompute else r.logprobs[s])
+    return torch.cat(olds), torch.cat(refs)
+
+
+def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, config: GroupSettings, *, epochs: int,
+           generator: torch.Generator) -> dict[str, float]:
+    """5. `epochs` passes of minibatch steps with the method's loss. The policy's entropy is measured on the way
+    (mean over the passes, at the temperature)."""
+    mask = batch.mask
+
+    def micro_loss(i: Tensor, minibatch: Tensor) -> tuple[Tensor, dict[str, float]]:
+        new = policy(batch.tokens[i], temperature=config.temperature, entropy="measure")
+        value, clipfrac = loss(new.logprobs, i, minibatch, batch)
+        share = len(i) / len(minibatch)
+        return value, {M.LOSS_POLICY: float(value.detach()), M.CLIPFRAC: float(clipfrac),
+                       M.ENTROPY: float(L.masked_mean(new.entropy, mask[i])) * share}
+
+    return minibatch_updates(policy.trainable_parameters(), optimizer, scheduler, len(batch.tokens), epochs=epochs,
+                             minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+                             max_grad_norm=config.max_grad_norm, generator=generator, micro_loss=micro_loss)
+
+
+def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, epochs: int,
+                 advantages: Advantages, loss: Loss, base, tokenizer, console=None, resume: bool = False) -> Trained:
+    """Train a LoRA policy on `base` with a critic-free method given by its `advantages` and `loss`."""
+    from hhh.data import load_prompts
+    from hhh.models.policy import build_policy
+    from hhh.rewards import build_reward
+
+    train_prompts, val = split_prompts(load_prompts(config.prompts), config.val_prompts)
+    reward = build_reward(config.reward, device=config.device)
+    second = build_reward(config.second_scorer, device=config.device)
+    policy = build_policy(base, config.lora(), seed=config.seed)
+    device = next(policy.parameters()).device
+    batch_size = config.prompts_per_step * config.group_size
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=0.0)
+    scheduler = linear_decay(optimizer, config.steps * epochs * math.ceil(batch_size / config.minibatch_size))
+    kl = L.AdaptiveKL(beta)  # fixed, but for the KL budget guard
+    loop = OnlineRun(name, config, run, policy=policy, parts=[policy], optimizer=optimizer, scheduler=scheduler,
+                     kl=kl, reward=reward, second=second, tokenizer=tokenizer, val=val, console=console,
+                     resume=resume)
+    with loop:
+        for step in loop.steps():
+            t0 = time.time()
+            # 1. rollout: G samples per prompt, rows grouped by prompt
+            prompts = [p for p in step_prompts(train_prompts, config.prompts_per_step, step, config.seed)
+                       for _ in range(config.group_size)]
+            r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                       temperature=config.temperature, generator=step_generator(config.seed, step, device))
+            tokens, mask = r.tokens(), r.response_mask.float()
+            # 2. score
+            score = reward.score(prompts, r.texts).float().to(device)
+            with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
+                # 3. old-policy and reference log-probs
+                old_logp, ref_logp = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size,
+                                                                config.temperature)
+                kl_tok = L.kl_per_token(old_logp, ref_logp, "k1") * mask  # (B, R)
+                # 4. advantages
+                adv = advantages(score, kl_tok, mask, kl.beta)
+                # 5. update
+                batch = Batch(tokens, mask, old_logp, ref_logp, adv, kl.beta)
+                stats = update(policy, optimizer, scheduler, batch, loss, config, epochs=epochs,
+                               generator=step_generator(config.seed, step, "cpu", MINIBATCHES))
+            # 6. log (and the shared tail)
+            k3 = (L.kl_per_token(old_logp, ref_logp, "k3") * mask).sum(-1)
+            abs_adv = adv.abs().mean() if adv.dim() == 1 else L.masked_mean(adv.abs(), mask)
+            loop.finish({"step": step + 1, M.REWARD_MEAN: float(score.mean()), M.REWARD_STD: float(score.std()),
+                         M.ADVANTAGE_ABS: float(abs_adv), M.KL: float(kl_tok.sum(-1).mean()), M.KL_K3: float(k3.mean()),
+                         **stats, M.LR: scheduler.get_last_lr()[0], **sample_stats(prompts, r, second)},
+                        samples=len(prompts), t0=t0)
+    return loop.result()
