@@ -117,9 +117,9 @@ def test_rloo_updates_are_importance_weighted_against_the_old_policy(tokenizer):
     for shift in (0.0, 1.0):
         policy = build_policy(hello_model(tokenizer), LoraSettings(r=4, alpha=8))
         r = _rollout(policy, tokenizer)
-        tokens = r.tokens()
+        tokens = r.tokens
         with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
-            old, ref = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
+            old, ref = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
             adv = torch.tensor([1.0, -1.0] * 4)
             before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
             opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
@@ -148,9 +148,10 @@ def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):
             if "lora_B" in n:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
     r = _rollout(policy, tokenizer)
-    tokens = r.tokens()
+    tokens = r.tokens
+    assert r.tokens is tokens  # one object: the trunk cached for it serves every pass
     with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
-        old, _ = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
+        old, _ = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
         with torch.no_grad():
             new = policy(tokens, temperature=config.temperature).logprobs
     mask = r.response_mask.bool()

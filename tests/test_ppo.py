@@ -106,7 +106,7 @@ def test_gradient_accumulation_equals_one_big_batch(tokenizer):
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
         r = sample(policy.lm, tokenizer, ["a", "bb", "ccc", "d d", "e", "f f f", "g", "h"], max_new_tokens=6,
                    generator=torch.Generator().manual_seed(0))
-        tokens = r.tokens()
+        tokens = r.tokens
         old = old_passes(policy, critic, tokens, config)
         mask = r.response_mask.float()
         adv, ret = gae(torch.randn(mask.shape, generator=torch.Generator().manual_seed(1)) * mask, old.values, mask)

@@ -12,7 +12,7 @@ A new method is one file in hhh.train with a `train` function of that signature,
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
@@ -117,7 +117,7 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     else:
         console.print("[bold]1/4 evaluating the model before training")
         start = getattr(config, "init_adapter", None)
-        with (adapter_on(base, start) if start else _as_is(base)) as model:
+        with adapter_on(base, start) if start else nullcontext(base) as model:
             before = evaluate(config.eval_config(), model=model, tokenizer=tokenizer, run=run, console=console,
                               tag="before")
     # 3. train
@@ -139,11 +139,6 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     console.print(compare_table(before, after, "before", "after"))
     console.print(f"report: {report}")
     return run
-
-
-@contextmanager
-def _as_is(model):
-    yield model
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -67,7 +68,10 @@ class Rollout:
     def attention_mask(self) -> Tensor:  # (B, Q+R)
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
+    @cached_property
     def tokens(self) -> Tokens:
+        """The rollout as a token batch: always the same object, so a trunk cached for it (Policy.frozen_trunk)
+        serves every later pass over it."""
         return Tokens(self.query_ids, self.query_mask, self.response_ids, self.response_mask)
 
 

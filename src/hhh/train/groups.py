@@ -60,7 +60,7 @@ Advantages = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 
 @torch.no_grad()
-def old_and_reference_logprobs(policy: Policy, r: Rollout, tokens: Tokens, micro_batch_size: int,
+def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int,
                                temperature: float) -> tuple[Tensor, Tensor]:
     """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches.
 
@@ -68,6 +68,7 @@ def old_and_reference_logprobs(policy: Policy, r: Rollout, tokens: Tokens, micro
     policy pass fewer per step); in bf16/fp16 they differ by up to ~5e-2, which would clip the first ratio, so the
     old log-probs are then recomputed through the training forward."""
     recompute = policy.lm.get_base_model().dtype != torch.float32
+    tokens = r.tokens
     olds, refs = [], []
     for s in chunks(len(tokens), micro_batch_size):
         refs.append(policy.reference_logprobs(tokens[s], temperature=temperature))
@@ -120,13 +121,12 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
                        for _ in range(config.group_size)]
             r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                        temperature=config.temperature, generator=step_generator(config.seed, step, device))
-            tokens, mask = r.tokens(), r.response_mask.float()
+            tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)
             with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
                 # 3. old-policy and reference log-probs
-                old_logp, ref_logp = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size,
-                                                                config.temperature)
+                old_logp, ref_logp = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
                 kl_tok = L.kl_per_token(old_logp, ref_logp, "k1") * mask  # (B, R)
                 # 4. advantages
                 adv = advantages(score, kl_tok, mask, kl.beta)

@@ -126,7 +126,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
             r: Rollout = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
                                 temperature=config.temperature, generator=step_generator(config.seed, step, device))
             t_rollout = time.time() - t0
-            tokens, mask = r.tokens(), r.response_mask.float()
+            tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             raw = reward.score(batch, r.texts).to(device)
             score = shaping.transform(raw) - config.no_eos_penalty * (~r.ended).float()
