@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from hhh import metrics as M
-from hhh.config import FrontierConfig, OnlineSettings, PolicyJobSettings, load_config
-from hhh.jobs import JOBS, check_prompt_sets, trained_adapter
+from hhh.config import FrontierConfig, OnlineSettings, PolicyJobSettings
+from hhh.jobs import JOBS, check_prompt_sets, reopen_run, trained_adapter
 from hhh.runs import RunDir
 
 # method -> (the command whose trainer it runs, the KL-strength setting varied)
@@ -104,11 +104,7 @@ def frontier(config: FrontierConfig | None = None, *, resume: str | None = None,
 
     console = console or Console()
     if resume:
-        run = RunDir(resume)
-        if not (run.path / "config.toml").is_file():
-            raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
-        config = load_config(FrontierConfig, run.path / "config.toml")
-        console.print(f"resuming {run.path}")
+        config, run = reopen_run(FrontierConfig, resume, console)
     else:
         config = (config or FrontierConfig()).resolved()
         check_prompt_sets([config.prompts, *config.eval.prompts])  # fail before a model loads

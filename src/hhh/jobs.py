@@ -67,17 +67,22 @@ def check_prompt_sets(specs) -> None:
         load_prompts(set_and_samples(spec, 1)[0], limit=1)
 
 
+def reopen_run(cls: type[Settings], resume: str, console) -> tuple[Any, RunDir]:
+    """(the config saved in the run folder `resume`, that folder), to continue it."""
+    run = RunDir(resume)
+    if not (run.path / "config.toml").is_file():
+        raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
+    console.print(f"resuming {run.path}")
+    return load_config(cls, run.path / "config.toml"), run
+
+
 def open_run(job: Job, config, resume: str | None, console) -> tuple[Any, RunDir, bool]:
     """(config, run folder, whether a checkpoint is there to resume): a new run folder for `config`, or the
     config saved in the `resume` folder."""
     if resume:
         if not job.resumable:
             raise ValueError(f"hhh {job.command} cannot resume (it saves no checkpoints)")
-        run = RunDir(resume)
-        if not (run.path / "config.toml").is_file():
-            raise FileNotFoundError(f"{resume}: not a run folder (no config.toml)")
-        config = load_config(job.config, run.path / "config.toml")
-        console.print(f"resuming {run.path}")
+        config, run = reopen_run(job.config, resume, console)
         return config, run, (run.path / "checkpoints" / "last" / "state.json").is_file()
     config = config if config is not None else job.config()
     check_prompt_sets([config.prompts, *config.eval.prompts])
