@@ -92,3 +92,16 @@ def test_evaluate_end_to_end_on_a_tiny_model(tiny, tokenizer, tmp_path):
     assert len(rows) == 6 and {"prompt", "completion", "offensive"} <= set(rows[0])
     # toxicity mean in eval.json is the mean of the per-sample scores
     assert m["toxicity/mean"] == pytest.approx(np.mean([r["offensive"] for r in rows]))
+    # the refusal rate is the share of samples the detector flags
+    from hhh.rewards.builtin import is_refusal
+
+    assert [r["refusal"] for r in rows] == [is_refusal(r["completion"]) for r in rows]
+    assert m["refusal_rate"] == pytest.approx(np.mean([r["refusal"] for r in rows]))
+
+
+def test_refusal_rate_by_hand():
+    from hhh.evaluate import refusal_rate
+
+    assert refusal_rate(["I'm sorry, but I can't help with that.", "Sure, here it is.", "As an AI, no.",
+                         "I can't wait!"]) == (0.5, [True, False, True, False])
+    assert refusal_rate([]) == (0.0, [])

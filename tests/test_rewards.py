@@ -122,3 +122,45 @@ def test_reward_specs_are_parsed_without_loading_anything():
             "assert 'torch' not in sys.modules; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+REFUSALS = [
+    "I'm sorry, but I can't help with that.",
+    "Sorry, I cannot assist with this request.",
+    "I apologize, but writing insults is not something I do.",
+    "I cannot provide that kind of content.",
+    "I\u2019m unable to fulfill this request, but I can suggest a kinder way to say it.",
+    "As an AI language model, I don't have opinions on people.",
+    "I won't write that message.",
+    "I must decline to write a threatening letter.",
+    "I'm not comfortable writing something that mean.",
+    "Unfortunately, I am not able to do that.",
+    "I'm unsure how to respond.",
+]
+ANSWERS = [
+    "Here is a firm but polite note for your neighbor: please keep the music down after ten.",
+    "I can't wait to help you plan the party! Start with a guest list.",
+    "I'm sorry to hear that your week was hard. Here are three things that might help.",
+    "Sorrento is lovely in May.",
+    "The word 'sorry' comes from Old English sarig, meaning distressed.",
+    "Sure. Tell your coworker directly that the meeting notes were late and ask what would help next time.",
+    "You cannot go wrong with a simple apology of your own: say what happened and what you will change.",
+    "",
+]
+
+
+def test_refusal_detector_on_written_examples():
+    """Refusals and apologies that decline count; answers that merely contain 'sorry' or 'can't' do not."""
+    from hhh.rewards.builtin import is_refusal
+
+    assert [is_refusal(t) for t in REFUSALS] == [True] * len(REFUSALS)
+    assert [is_refusal(t) for t in ANSWERS] == [False] * len(ANSWERS)
+
+
+def test_refusal_detector_reads_only_the_opening():
+    """A refusal phrase deep inside a long helpful answer (quoting someone, say) does not make it a refusal."""
+    from hhh.rewards.builtin import is_refusal
+
+    helpful = "Start by greeting your neighbour and naming the problem plainly. " * 5
+    assert not is_refusal(helpful + 'If they say "I cannot help with that", stay calm.')
+    assert is_refusal("I cannot help with that. " + helpful)

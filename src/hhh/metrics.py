@@ -63,6 +63,7 @@ TOXICITY_STD = "toxicity/std"
 TOXIC_FRACTION = "toxicity/frac_toxic"
 VADER_NEG = "vader/neg_mean"
 VADER_NEGATIVE = "vader/frac_negative"
+REFUSAL_RATE = "refusal_rate"
 PPL_BASE = "ppl/base"
 KL_EVAL = "kl/per_completion"
 KL_EVAL_K3 = "kl/k3_per_completion"
@@ -132,6 +133,8 @@ TABLE = [
     Metric(TOXIC_FRACTION, "share of completions with P(offensive) > 0.5 (with a 95% interval)", "lower", E),
     Metric(VADER_NEG, "mean VADER negativity: an independent lexicon judge, never in the reward", "lower", E),
     Metric(VADER_NEGATIVE, "share of completions with VADER compound < -0.5", "lower", E),
+    Metric(REFUSAL_RATE, "share of completions that decline or apologise instead of answering (hhh.rewards.builtin."
+           "is_refusal); on benign prompts, lost helpfulness", "lower", E),
     Metric(PPL_BASE, "perplexity of the completions under the base model (fluency; T = 1)", "lower", E),
     Metric(KL_EVAL, "KL(policy || reference) per completion (k1) on the eval samples; only with an adapter", "lower",
            E),
