@@ -79,18 +79,20 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: key {key!r}: {e['msg']}{shown}{more}"
 
 
-def read_toml(path: str | Path) -> dict[str, Any]:
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The TOML file as a dict; ConfigError naming `what` and the file when it is missing, not a file, not UTF-8
+    or not TOML."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
+        raise ConfigError(f"{what} {path}: not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {path}: is a directory") from None
+        raise ConfigError(f"{what} {path}: is a directory") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: invalid TOML ({e})") from None
+        raise ConfigError(f"{what} {path}: invalid TOML ({e})") from None
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:
