@@ -338,3 +338,20 @@ def test_rloo_loss_clips_and_matches_reinforce_on_policy():
     assert loss.item() == pytest.approx(0.8)
     half, _ = rloo_loss(logp[:1], logp[:1].detach(), adv[:1], mask[:1], n_seqs=2)
     assert half.item() == pytest.approx(-1.0)  # a micro-batch's share of a 2-sequence minibatch
+
+
+def test_sft_loss_is_the_token_mean_nll_of_the_response_by_hand():
+    """logp = [[-1, -2, -9], [-3, -9, -9]], mask = [[1, 1, 0], [1, 0, 0]]: NLL of the 3 response tokens is
+    1 + 2 + 3 = 6, mean 2; masked positions (the -9s: padding, or prompt tokens) add nothing. As two micro-batches
+    with n_tokens = 3: 3/3 + 3/3 = 2, the same."""
+    from hhh.losses import sft_loss
+
+    logp = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -9.0, -9.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    loss = sft_loss(logp, mask)
+    assert float(loss) == pytest.approx(2.0)
+    loss.backward()
+    assert logp.grad is not None
+    torch.testing.assert_close(logp.grad, -mask.float() / 3)  # no gradient reaches a masked token
+    parts = sft_loss(logp[:1], mask[:1], n_tokens=3) + sft_loss(logp[1:], mask[1:], n_tokens=3)
+    assert float(parts) == pytest.approx(2.0)

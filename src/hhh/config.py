@@ -386,6 +386,27 @@ class DPOConfig(PolicyJobSettings):
         return data
 
 
+class SFTConfig(PolicyJobSettings):
+    """`hhh sft`: supervised fine-tuning of a LoRA adapter on prompt -> response demonstrations."""
+
+    data: str | None = Field(None, description="demonstrations: JSONL (prompt, response; or messages), "
+                                               "hf:NAME[:SPLIT], or a preference store (db:PATH: top-ranked answers)")
+    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    labelers: list[str] = Field([], description="from a store: only the rankings of these labelers (comma-separated)")
+    max_examples: int | None = Field(None, gt=0, description="use only the first N demonstrations")
+    max_response_tokens: int = Field(128, gt=1, description="response tokens trained on, EOS included (longer are cut)")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of demonstrations held out for the eval loss "
+                                                              "(split by prompt)")
+    bucket: bool = Field(True, description="length bucketing: batch demonstrations of similar length together "
+                                           "(less padding); batches are shuffled each epoch")
+    epochs: int = Field(2, gt=0, description="passes over the demonstrations")
+    batch_size: int = Field(8, gt=0, description="demonstrations per optimizer step")
+    micro_batch_size: int = Field(4, gt=0, description="demonstrations per forward/backward (memory bound)")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    out: str | None = Field(None, description="run folder (default runs/sft-TIMESTAMP)")
+
+
 class GroupSettings(OnlineSettings):
     """Critic-free online RL (GRPO, RLOO): G samples per prompt."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any
 
-from hhh.config import DetoxConfig, DPOConfig, GRPOConfig, RLOOConfig, Settings, load_config
+from hhh.config import DetoxConfig, DPOConfig, GRPOConfig, RLOOConfig, Settings, SFTConfig, load_config
 from hhh.runs import RunDir
 
 
@@ -44,12 +44,23 @@ def _dpo_data(config: DPOConfig) -> None:
         load_pairs(config, skip_ties=True)
 
 
+def _sft_data(config: SFTConfig) -> None:
+    if not config.data:
+        raise ValueError("hhh sft needs demonstrations: --data FILE.jsonl, hf:NAME[:SPLIT] or db:PATH")
+    from hhh.data.demos import load_demos
+
+    load_demos(config.data, source=config.data_source, labelers=config.labelers, limit=config.max_examples)
+
+
 JOBS: dict[str, Job] = {
     "detox": Job("detox", "the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
                  DetoxConfig, "hhh.train.ppo:train", lambda c: "PPO"),
     "dpo": Job("dpo", "offline preference tuning (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO, KTO), evaluated "
                "before/after", DPOConfig, "hhh.train.dpo:train", lambda c: f"DPO ({c.loss})", resumable=False,
                check=_dpo_data),
+    "sft": Job("sft", "supervised fine-tuning of a LoRA adapter on prompt -> response demonstrations (loss on the "
+               "response only), evaluated before/after", SFTConfig, "hhh.train.sft:train", lambda c: "SFT",
+               resumable=False, check=_sft_data),
     "grpo": Job("grpo", "GRPO: G samples per prompt, group-normalised advantages, clipped ratio, k3 KL in the loss",
                 GRPOConfig, "hhh.train.grpo:train", lambda c: "GRPO"),
     "rloo": Job("rloo", "RLOO: leave-one-out baseline, KL in the reward, REINFORCE with a clipped ratio (or "

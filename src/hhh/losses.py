@@ -198,6 +198,16 @@ def bradley_terry_loss(
     return loss
 
 
+# --- supervised fine-tuning ---------------------------------------------------------------------------
+
+
+def sft_loss(logp: Tensor, mask: Tensor, n_tokens: Tensor | float | None = None) -> Tensor:
+    """Negative log-likelihood of the response tokens, a mean over every response token of the batch (as TRL's
+    SFTTrainer): logp (B, R) at temperature 1, mask (B, R) 1 on response tokens only, so prompt tokens and padding
+    get no loss. With `n_tokens` (the minibatch's count), a micro-batch's share of the minibatch mean."""
+    return -token_mean(logp, mask, n_tokens)
+
+
 # --- offline preference optimisation ---------------------------------------------------------------
 
 

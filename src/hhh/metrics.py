@@ -48,6 +48,9 @@ IMPLICIT_ACCURACY = "rewards/accuracy"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 KTO_KL = "kto/kl"
+# --- training: supervised fine-tuning (hhh sft) ---
+LOSS_SFT = "loss/sft"
+SFT_EVAL_LOSS = "sft/eval_loss"
 # --- training: reward models (hhh rm train) ---
 LOSS_RM = "loss/rm"
 RM_TRAIN_ACCURACY = "rm/train_accuracy"
@@ -115,6 +118,10 @@ TABLE = [
     Metric(IMPLICIT_MARGIN, "DPO family: mean chosen - rejected implicit reward", "higher", T),
     Metric(IMPLICIT_ACCURACY, "DPO family: share of pairs whose chosen implicit reward is the larger", "higher", T),
     Metric(LOGPS_CHOSEN, "DPO family: mean summed log-prob of the chosen completions (usually falls)", "", T),
+    Metric(LOSS_SFT, "SFT: mean negative log-likelihood per response token of the step's demonstrations (T = 1)",
+           "lower", T),
+    Metric(SFT_EVAL_LOSS, "SFT: the same on the held-out demonstrations (before training, after each epoch)", "lower",
+           T),
     Metric(LOGPS_REJECTED, "DPO family: the same for the rejected ones", "", T),
     Metric(KTO_KL, "KTO: the batch's reference point, an estimate of KL(pi || ref)", "", T),
     Metric(LOSS_RM, "reward model: Bradley-Terry loss of the step's pairs", "lower", T),

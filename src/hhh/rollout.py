@@ -48,7 +48,7 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Rollout:
-    prompts: list[str]  # raw prompts, before the chat template
+    prompts: list  # raw prompts (strings or message lists, hhh.rollout.Prompt), before the chat template
     query_ids: Tensor  # (B, Q) left-padded, chat-templated prompt tokens
     query_mask: Tensor  # (B, Q) 1 on real prompt tokens
     response_ids: Tensor  # (B, R) sampled tokens; pad after EOS
@@ -75,17 +75,41 @@ class Rollout:
         return Tokens(self.query_ids, self.query_mask, self.response_ids, self.response_mask)
 
 
-def chat_prompt_ids(tokenizer, prompts: Sequence[str], *, chat: bool = True) -> list[list[int]]:
-    """Token ids of each prompt, wrapped in the tokenizer's chat template as a single user turn."""
+Prompt = str | list[dict[str, str]]  # a user message, or a whole conversation ({"role", "content"} messages)
+
+
+def chat_prompt_ids(tokenizer, prompts: Sequence[Prompt], *, chat: bool = True) -> list[list[int]]:
+    """Token ids of each prompt in the tokenizer's chat template, ready for the assistant's answer: a string is a
+    single user turn; a list of messages is a conversation (e.g. few-shot turns, then the request)."""
     if not chat or tokenizer.chat_template is None:
-        return [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        return [tokenizer(p if isinstance(p, str) else "\n\n".join(m["content"] for m in p),
+                          add_special_tokens=True)["input_ids"] for p in prompts]
     out = []
     for p in prompts:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True
-        )
+        messages = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         out.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
     return out
+
+
+def _last_text(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def prompt_response_tokens(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], max_response_tokens: int,
+                           device=None) -> Tokens:
+    """Chat-templated prompts (left-padded) + given responses, each cut to max_response_tokens - 1 tokens and
+    ended with EOS (right-padded): what the sampler would have produced, for training on fixed text."""
+    q_ids, q_mask = left_pad(chat_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id, device)
+    tails = [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1] + [tokenizer.eos_token_id]
+             for r in responses]
+    width = max(len(t) for t in tails)
+    r_ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long)
+    r_mask = torch.zeros((len(tails), width), dtype=torch.long)
+    for i, t in enumerate(tails):
+        r_ids[i, : len(t)] = torch.tensor(t)
+        r_mask[i, : len(t)] = 1
+    return Tokens(q_ids, q_mask, r_ids.to(device), r_mask.to(device))
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
@@ -122,7 +146,7 @@ def _cache_argument(model) -> str:
 def sample(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.7,
@@ -146,7 +170,7 @@ def sample(
         if len(s) + max_new_tokens > limit:
             raise ValueError(
                 f"prompt {i} has {len(s)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
-                f"model context of {limit}: {prompts[i][:60]!r}"
+                f"model context of {limit}: {_last_text(prompts[i])[:60]!r}"
             )
     query_ids, query_mask = left_pad(seqs, pad_id, device)
     batch = query_ids.shape[0]

@@ -27,7 +27,7 @@ from hhh import metrics as M
 from hhh.config import DPOConfig
 from hhh.data.pairs import Pairs, load_pairs
 from hhh.models.policy import Policy
-from hhh.rollout import Tokens, chat_prompt_ids, left_pad
+from hhh.rollout import Tokens, prompt_response_tokens
 from hhh.runs import RunDir
 from hhh.train.loop import GracefulStop, Trained, clip_and_step, linear_decay, step_generator
 
@@ -84,16 +84,7 @@ def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
 
 
 def _tokens(tokenizer, prompts: list[str], completions: list[str], max_tokens: int, device) -> Tokens:
-    q_ids, q_mask = left_pad(chat_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id, device)
-    tails = [tokenizer(c, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [tokenizer.eos_token_id]
-             for c in completions]
-    width = max(len(t) for t in tails)
-    r_ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long)
-    r_mask = torch.zeros((len(tails), width), dtype=torch.long)
-    for i, t in enumerate(tails):
-        r_ids[i, : len(t)] = torch.tensor(t)
-        r_mask[i, : len(t)] = 1
-    return Tokens(q_ids, q_mask, r_ids.to(device), r_mask.to(device))
+    return prompt_response_tokens(tokenizer, prompts, completions, max_tokens, device)
 
 
 def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Minibatch]:
