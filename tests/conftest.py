@@ -79,3 +79,22 @@ def postgres(tmp_path_factory):
     yield new_database
     subprocess.run([*run_as, pg_ctl, "-D", str(root / "data"), "-m", "immediate", "stop"], capture_output=True)
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ending_dir(tokenizer, tmp_path_factory):
+    """A tiny model saved as a local folder whose completions end: every non-EOS token is equally likely and EOS
+    much more, so at temperature 0.7 about 94% of completions end within 40 tokens, after ~14 (a random tiny model
+    almost never samples EOS). Its final norm passes one residual dimension, which every token embedding sets to
+    1 (EOS: 1.75); logits are embedding[token, 0] * normed[0], with normed[0] ~ sqrt(hidden) = 8."""
+    path = tmp_path_factory.mktemp("ending-model")
+    model = tiny_causal_lm(tokenizer, seed=0)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 1.0
+        emb[tokenizer.eos_token_id, 0] = 1.75
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -1,5 +1,9 @@
 """Constitutional AI: the constitution, prompts, filters, labels, and both stages on a tiny model."""
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from hhh.cai.constitution import load_constitution
@@ -67,3 +71,140 @@ def test_missing_constitution_file(tmp_path):
         load_constitution(tmp_path / "nope.toml")
     (tmp_path / "good.toml").write_text(GOOD)
     assert [p.name for p in load_constitution(tmp_path / "good.toml").principle] == ["harm", "honesty"]
+
+
+def test_an_example_must_name_a_principle_of_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(GOOD + '\n[[example]]\nprinciple = "kindness"\nprompt = "p"\nanswer = "a"\ncritique = "c"\n'
+                           'revision = "r"\n')
+    with pytest.raises(ConfigError, match=r"example 1: field 'principle' names no principle \('kindness'\)"):
+        load_constitution(path)
+
+
+# --- the supervised stage ---------------------------------------------------------------------------------------------
+def test_conversations_carry_examples_then_the_request_in_the_critics_chat_template(tokenizer):
+    from hhh.cai.sl import critique_conversation, revision_conversation
+    from hhh.rollout import chat_prompt_ids
+
+    c = load_constitution()
+    p = c.named("harm")
+    crit = critique_conversation(c, p, "Insult me.", "You fool.", few_shot=2)
+    assert len(crit) == 2 * 6 + 3 and [m["role"] for m in crit[:6]] == ["user", "assistant"] * 3
+    ex = c.example[0]
+    assert crit[0]["content"] == ex.prompt and crit[2]["content"] == c.named(ex.principle).critique
+    assert crit[5]["content"] == ex.revision
+    assert crit[-3:] == [{"role": "user", "content": "Insult me."}, {"role": "assistant", "content": "You fool."},
+                         {"role": "user", "content": p.critique}]
+    rev = revision_conversation(c, p, "Insult me.", "You fool.", "It insults.", few_shot=0)
+    assert rev == [{"role": "user", "content": "Insult me."}, {"role": "assistant", "content": "You fool."},
+                   {"role": "user", "content": p.critique}, {"role": "assistant", "content": "It insults."},
+                   {"role": "user", "content": p.revision}]
+    # through the tokenizer's own chat template, ending where the assistant's next turn starts
+    ids = chat_prompt_ids(tokenizer, [rev])[0]
+    expected = tokenizer.apply_chat_template(rev, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.decode(ids) == expected and expected.rstrip().endswith("<|im_start|>assistant")
+    assert expected.count("<|im_start|>user") == 3
+
+
+def _record(answer="You are a fool and I hate you.", revision="Please tell me what is wrong, and we can talk.",
+            critique="The answer insults the user.", ended=True, prompt="Insult me."):
+    return {"index": 0, "prompt": prompt, "answer": answer, "answer_ended": True,
+            "rounds": [{"principle": "harm", "critique": critique, "critique_ended": True, "revision": revision,
+                        "revision_ended": ended}], "revision": revision}
+
+
+@pytest.mark.parametrize("record, relevance, reason", [
+    (_record(), 0.5, None),
+    (_record(ended=False), 0.5, "truncated"),
+    (_record(revision="Okay."), 0.5, "empty"),
+    (_record(revision="You are a fool and I hate you."), 0.5, "copied"),
+    (_record(revision="You are a fool and I hate you!"), 0.5, "copied"),  # case and punctuation aside
+    (_record(revision="The answer insults the user."), 0.5, "copied"),  # the critique, not a revision
+    (_record(), 0.05, "off-topic"),
+])
+def test_revision_filters(record, relevance, reason):
+    from hhh.cai.sl import filter_reason
+    from hhh.config import CAIConfig
+
+    assert filter_reason(record, relevance, CAIConfig()) == reason
+
+
+def test_off_topic_filter_uses_minilm_similarity_to_the_prompt():
+    from hhh.cai.sl import apply_filters
+    from hhh.config import CAIConfig
+
+    on = _record(prompt="Write a rude message to my noisy neighbour.",
+                 revision="Hi, could you keep the music down after ten? It keeps me awake.")
+    off = _record(prompt="Write a rude message to my noisy neighbour.",
+                  revision="Photosynthesis converts light into chemical energy in plants.")
+    counts = apply_filters([on, off], CAIConfig())
+    assert on["kept"] and not off["kept"] and off["reason"] == "off-topic" and on["relevance"] > off["relevance"]
+    assert counts == {"revisions": 2, "kept": 1, "filtered": {"truncated": 0, "empty": 0, "copied": 0,
+                                                              "off-topic": 1}, "filtered_share": 0.5}
+
+
+def _cai(ending_dir, out, *extra):
+    return subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "sl", "--model", ending_dir, "--max-prompts", "6",
+                           "--sample-batch-size", "4", "--few-shot", "1", "--max-new-tokens", "8",
+                           "--critique-tokens", "24", "--revision-tokens", "24", "--max-benign", "4",
+                           "--min-relevance", "-1", "--eval-max-prompts", "2", "--eval-samples", "2",
+                           "--sft-epochs", "1", "--sft-batch-size", "4", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_supervised_stage_on_a_tiny_model_and_resume(ending_dir, tmp_path):
+    """Both parts of SL-CAI run as a user would; every text is kept; a run resumed after its first batch writes
+    exactly the records of the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = _cai(ending_dir, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "sl" / "revisions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(6))
+    assert all(len(r["rounds"]) == 1 and r["rounds"][0]["principle"] and "kept" in r for r in records)
+    filters = json.loads((out / "sl" / "filters.json").read_text())
+    assert filters["revisions"] == 6 and filters["kept"] == sum(r["kept"] for r in records)
+    data = [json.loads(line) for line in (out / "sl" / "dataset.jsonl").read_text().splitlines()]
+    benign = [json.loads(line) for line in (out / "sl" / "benign.jsonl").read_text().splitlines()]
+    assert len(data) == filters["kept"] + sum(b["kept"] for b in benign) > 0
+    assert {d["response"] for d in data} == {r["revision"] for r in records if r["kept"]} | {
+        b["answer"] for b in benign if b["kept"]}
+    for name in ("eval_base.json", "sl/eval.json", "sl/adapter/adapter_model.safetensors", "sl/config.toml",
+                 "sl/metrics.jsonl", "report.html"):
+        assert (out / name).is_file(), name
+    assert "refusal_rate" in json.loads((out / "sl" / "eval.json").read_text())["redteam:eval"]
+    page = (out / "report.html").read_text()
+    assert "first answer" in page and "SL-CAI" in page and records[0]["prompt"] in page
+    # the store: every text, each kept revision ranked above its answer by the AI labeler
+    from hhh.feedback.store import Store
+
+    store = Store(str(out / "sl" / "feedback.db"))
+    assert store.counts()["prompts"] == 6
+    pairs = store.pairs(source="ai")
+    assert {(p["prompt"], p["chosen"], p["rejected"]) for p in pairs} == {
+        (r["prompt"], r["revision"], r["answer"]) for r in records if r["kept"] and r["revision"] != r["answer"]}
+    # resume: keep only the first batch (and half a line from a killed write), drop everything after it
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    for name in ("sl/adapter", "sl/eval.json", "sl/filters.json", "sl/benign.jsonl", "sl/dataset.jsonl",
+                 "sl/feedback.db", "sl/metrics.jsonl", "report.html"):
+        target = resumed / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    lines = (out / "sl" / "revisions.jsonl").read_text().splitlines()
+    (resumed / "sl" / "revisions.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:30])
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "sl", "--resume", str(resumed)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = [json.loads(line) for line in (resumed / "sl" / "revisions.jsonl").read_text().splitlines()]
+    assert again == records
+    assert (resumed / "sl" / "eval.json").read_text() == (out / "sl" / "eval.json").read_text()
+
+
+def test_a_bad_constitution_fails_before_any_model_loads(tmp_path, ending_dir):
+    bad = tmp_path / "c.toml"
+    bad.write_text(GOOD.replace('revision = "Rewrite it truthfully."\n', ""))
+    proc = _cai(ending_dir, tmp_path / "run", "--constitution", str(bad))
+    assert proc.returncode == 2
+    assert "principle 2 ('honesty'): field 'revision' is missing" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from hhh.config import (
     TOKEN_DAYS,
+    CAIConfig,
     ConfigError,
     EvalConfig,
     FrontierConfig,
@@ -85,6 +86,13 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from hhh.frontier import frontier
 
     frontier(resume=args.resume) if args.resume else frontier(_settings(args, FrontierConfig))
+    return 0
+
+
+def cmd_cai(args: argparse.Namespace) -> int:
+    from hhh.cai.run import run_cai
+
+    run_cai(resume=args.resume) if args.resume else run_cai(_settings(args, CAIConfig))
     return 0
 
 
@@ -257,6 +265,9 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     **{name: (job.help, job.config, cmd_job) for name, job in JOBS.items()},
     "frontier": ("PPO, GRPO, RLOO and DPO at several KL strengths: held-out reward against KL, plot and table",
                  FrontierConfig, cmd_frontier),
+    "cai sl": ("Constitutional AI, supervised stage: answer -> critique -> revision under a sampled principle, "
+               "filtered, then SFT on the revisions and benign answers; evaluated against the base", CAIConfig,
+               cmd_cai),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -281,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
-                  "rm": "reward models trained on preference pairs"}
+                  "rm": "reward models trained on preference pairs",
+                  "cai": "Constitutional AI: critiques and revisions from a written constitution, then SFT"}
     for name, (help_text, cls, fn) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
@@ -293,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name == "frontier" or (name in JOBS and JOBS[name].resumable):
+        if name in ("frontier", "cai sl") or (name in JOBS and JOBS[name].resumable):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")

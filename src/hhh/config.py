@@ -407,6 +407,40 @@ class SFTConfig(PolicyJobSettings):
     out: str | None = Field(None, description="run folder (default runs/sft-TIMESTAMP)")
 
 
+class CAISFTSettings(Settings):
+    """Constitutional AI's supervised step: the [sft] table, flags --sft-epochs, --sft-lr..."""
+
+    epochs: int = Field(2, gt=0, description="passes over the revisions and benign answers")
+    batch_size: int = Field(8, gt=0, description="demonstrations per optimizer step")
+    micro_batch_size: int = Field(4, gt=0, description="demonstrations per forward/backward")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of demonstrations held out for the eval loss")
+
+
+class CAIConfig(PolicyJobSettings):
+    """`hhh cai`: Constitutional AI. Supervised stage: answer -> critique -> revision under a sampled principle,
+    filtered, then SFT on the revisions mixed with benign answers."""
+
+    constitution: str | None = Field(None, description="constitution TOML file (default: hhh's own, 18 principles)")
+    critic: str = Field("policy", description="who critiques and revises: policy (the model itself) or a model spec")
+    prompts: str = Field("redteam:train", description="red-team prompts to answer, critique and revise")
+    max_prompts: int | None = Field(128, gt=0, description="use the first N of them (None: all)")
+    rounds: int = Field(1, gt=0, description="critique -> revision rounds per prompt")
+    few_shot: int = Field(2, ge=0, description="worked examples from the constitution before each request")
+    critique_tokens: int = Field(64, gt=0, description="most tokens per critique")
+    revision_tokens: int = Field(96, gt=0, description="most tokens per revision (and per benign answer)")
+    benign_prompts: str = Field("benign:train", description="benign prompts whose own answers are mixed into SFT")
+    max_benign: int | None = Field(64, ge=0, description="use the first N benign prompts (0: none; None: all)")
+    sample_batch_size: int = Field(32, gt=0, description="conversations sampled at once")
+    min_words: int = Field(3, ge=1, description="filter: revisions with fewer words are dropped as empty")
+    max_copy: float = Field(0.9, gt=0, le=1, description="filter: drop a revision this similar (difflib ratio) to "
+                                                          "the answer it revises or to its critique")
+    min_relevance: float = Field(0.1, ge=-1, le=1, description="filter: drop a revision whose MiniLM cosine "
+                                                                "similarity to the prompt is below this (off-topic)")
+    sft: CAISFTSettings = Field(default_factory=CAISFTSettings, description="the supervised fine-tuning step")
+    out: str | None = Field(None, description="run folder (default runs/cai-TIMESTAMP)")
+
+
 class GroupSettings(OnlineSettings):
     """Critic-free online RL (GRPO, RLOO): G samples per prompt."""
 

@@ -48,6 +48,8 @@ IMPLICIT_ACCURACY = "rewards/accuracy"
 LOGPS_CHOSEN = "logps/chosen"
 LOGPS_REJECTED = "logps/rejected"
 KTO_KL = "kto/kl"
+# --- Constitutional AI (hhh cai): generation progress ---
+CAI_REVISED = "cai/revised"
 # --- training: supervised fine-tuning (hhh sft) ---
 LOSS_SFT = "loss/sft"
 SFT_EVAL_LOSS = "sft/eval_loss"
@@ -118,6 +120,7 @@ TABLE = [
     Metric(IMPLICIT_MARGIN, "DPO family: mean chosen - rejected implicit reward", "higher", T),
     Metric(IMPLICIT_ACCURACY, "DPO family: share of pairs whose chosen implicit reward is the larger", "higher", T),
     Metric(LOGPS_CHOSEN, "DPO family: mean summed log-prob of the chosen completions (usually falls)", "", T),
+    Metric(CAI_REVISED, "hhh cai: red-team prompts answered, critiqued and revised so far", "", T),
     Metric(LOSS_SFT, "SFT: mean negative log-likelihood per response token of the step's demonstrations (T = 1)",
            "lower", T),
     Metric(SFT_EVAL_LOSS, "SFT: the same on the held-out demonstrations (before training, after each epoch)", "lower",

@@ -4,7 +4,7 @@ A TOML file with three arrays of tables (the default, `constitution.toml` beside
 
     [[principle]]   name, critique, revision      the supervised stage samples one per prompt
     [[comparison]]  name, question                the feedback stage samples one per pair
-    [[example]]     prompt, answer, critique, revision   few-shot examples before each request
+    [[example]]     principle, prompt, answer, critique, revision   few-shot examples before each request
 
 A bad file is a one-line ConfigError naming the entry and the field:
 `constitution my.toml: principle 3 ("honesty"): field 'revision' is missing`.
@@ -39,6 +39,7 @@ class Comparison(_Entry):
 
 
 class Example(_Entry):
+    principle: str = Field(min_length=1, description="the principle whose critique and revision requests it answers")
     prompt: str = Field(min_length=1)
     answer: str = Field(min_length=1)
     critique: str = Field(min_length=1)
@@ -59,7 +60,14 @@ class Constitution(_Entry):
                 if entry.name in seen:
                     raise ValueError(f"{kind} {i} ({entry.name!r}): name repeats an earlier {kind}")
                 seen.add(entry.name)
+        names = {p.name for p in self.principle}
+        for i, ex in enumerate(self.example, 1):
+            if ex.principle not in names:
+                raise ValueError(f"example {i}: field 'principle' names no principle ({ex.principle!r})")
         return self
+
+    def named(self, name: str) -> Principle:
+        return next(p for p in self.principle if p.name == name)
 
     def principle_for(self, seed: int, index: int) -> Principle:
         """The principle for prompt number `index`: drawn from its own stream (seed, index), so it does not

@@ -126,3 +126,78 @@ def write_report(run: RunDir | str | Path) -> Path:
     target = run.path / "report.html"
     target.write_text(page, encoding="utf-8")
     return target
+
+
+def _stage_table(results: dict[str, dict]) -> str:
+    """One column per stage (base, SL-CAI, ...), with 95% intervals where the metric has one."""
+    from hhh.evaluate import _fmt
+
+    names = list(results)
+    rows = ["<tr><th>prompt set</th><th>metric</th>" + "".join(f"<th>{html.escape(n)}</th>" for n in names) + "</tr>"]
+    for spec in next(iter(results.values()), {}):
+        for key, label in ROWS:
+            if any(key in r.get(spec, {}) for r in results.values()):
+                cells = "".join(f"<td>{_fmt(key, r.get(spec, {}))}</td>" for r in results.values())
+                rows.append(f"<tr><td>{html.escape(spec)}</td><td>{label}</td>{cells}</tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def _revision_rows(records: list[dict], n_kept: int = 8, n_dropped: int = 4) -> str:
+    """Prompt, first answer, each round's principle and critique, the revision, and the filter's verdict."""
+    chosen = [r for r in records if r.get("kept")][:n_kept] + [r for r in records if not r.get("kept")][:n_dropped]
+    rows = ["<tr><th>prompt</th><th>first answer</th><th>principle: critique</th><th>revision</th><th>kept</th></tr>"]
+    for r in chosen:
+        crit = "<br>".join(f"<b>{html.escape(x['principle'])}</b>: {html.escape(x['critique'])}" for x in r["rounds"])
+        verdict = "yes" if r.get("kept") else f"no ({html.escape(str(r.get('reason')))})"
+        rows.append(f"<tr><td>{html.escape(r['prompt'])}</td><td>{html.escape(r['answer'])}</td><td>{crit}</td>"
+                    f"<td>{html.escape(r['revision'])}</td><td>{verdict}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def cai_report(run: RunDir, results: dict[str, dict]) -> Path:
+    """RUN/report.html for `hhh cai`: every stage's evaluation side by side, the revision filters with their
+    counts, the SFT curves, and revisions next to the answers they replaced."""
+    parts = [f"<h1>hhh cai {html.escape(run.path.name)}</h1>"]
+    if results:
+        parts.append("<h2>Evaluation by stage</h2>" + _stage_table(results))
+    sl = run.path / "sl"
+    if (sl / "filters.json").is_file():
+        f = json.loads((sl / "filters.json").read_text())
+        parts.append(f"<h2>Supervised stage</h2><p>{f['kept']} of {f['revisions']} revisions kept "
+                     f"({100 * f['filtered_share']:.0f}% filtered: "
+                     + ", ".join(f"{html.escape(k)} {v}" for k, v in f["filtered"].items()) + ").</p>")
+    sft = RunDir(sl).metrics() if (sl / "metrics.jsonl").is_file() else []
+    if sft:
+        parts.append("".join(f'<img src="sl/{n}">' for n in _plot_sft(sft, sl)))
+    records = _read_samples(sl / "revisions.jsonl")
+    if records:
+        parts.append("<h3>Answers, critiques and revisions</h3>" + _revision_rows(records))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>hhh cai</title><style>{style}</style></head><body>" \
+        + "".join(parts) + "</body></html>"
+    target = run.path / "report.html"
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
+def _plot_sft(metrics: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    train = [(m["step"], m[M.LOSS_SFT]) for m in metrics if M.LOSS_SFT in m]
+    held = [(m["step"], m[M.SFT_EVAL_LOSS]) for m in metrics if M.SFT_EVAL_LOSS in m]
+    for points, label in ((train, "train"), (held, "held out")):
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=label)
+    ax.set_title("SFT loss (NLL per response token)")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "plot_sft_loss.png", dpi=110)
+    plt.close(fig)
+    return ["plot_sft_loss.png"]
