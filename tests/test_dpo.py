@@ -206,3 +206,32 @@ def test_kto_reference_point_pairs_every_example_with_the_next_ones_answer(token
     got = [tokenizer.decode(mis.response_ids[k][mis.response_mask[k].bool()][:-1]) for k in range(6)]
     assert got == answers[1:] + answers[:1]
     torch.testing.assert_close(mis.query_ids, mb.tokens.query_ids)
+
+
+def test_soft_labels_weight_each_pair_and_init_adapter_is_the_reference(tiny, tokenizer, tmp_path):
+    """Pairs with P(chosen better) = 0.5 carry no signal: with every pair at 0.5 the gradient is exactly zero at
+    the start (the policy equals the reference, h = 0, and 0.5 * sigma'(0) - 0.5 * sigma'(0) = 0); hard labels
+    (probability None) move it. Starting from an adapter makes that adapter the reference: the first step's
+    margin is 0 though the adapter is not the base."""
+    pairs = toy_pairs()
+    n = len(pairs)
+    soft = Pairs(pairs.prompts, pairs.chosen, pairs.rejected, pairs.tie, pairs.margin, probability=[0.5] * n)
+    config = DPOConfig(batch_size=4, epochs=1)
+    run = RunDir.create("dpo", config, str(tmp_path / "soft"))
+    train_dpo(config, run, soft, base=tiny, tokenizer=tokenizer, console=None)
+    assert all(m["grad_norm"] == 0.0 for m in run.metrics())
+    from hhh.models import tiny_causal_lm
+    from hhh.models.load import remove_adapters
+
+    base = tiny_causal_lm(tokenizer, seed=0)
+    hard = RunDir.create("dpo", config, str(tmp_path / "hard"))
+    first = train_dpo(DPOConfig(batch_size=4, epochs=2, lr=3e-2), hard, pairs, base=base, tokenizer=tokenizer,
+                      console=None)
+    assert hard.metrics()[0]["grad_norm"] > 0
+    remove_adapters(first.lm)
+    start = DPOConfig(batch_size=4, epochs=1, init_adapter=str(hard.path / "adapter"))
+    again = RunDir.create("dpo", start, str(tmp_path / "again"))
+    train_dpo(start, again, pairs, base=base, tokenizer=tokenizer, console=None)
+    m = again.metrics()[0]
+    assert m["rewards/margin"] == pytest.approx(0, abs=1e-5) and m["logps/chosen"] != pytest.approx(
+        hard.metrics()[0]["logps/chosen"], abs=1e-3)

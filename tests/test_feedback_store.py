@@ -28,7 +28,7 @@ def labeler(store, name, role="labeler"):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current(store.url) == "0002"
+    assert current(store.url) == "0003"
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         if store.url.startswith("sqlite"):
@@ -55,7 +55,7 @@ def test_a_store_at_revision_0001_upgrades_and_keeps_its_labels(tmp_path):
         conn.execute(text("INSERT INTO labelers (name, role, token_hash, created_at) VALUES "
                           "('ann', 'labeler', :h, '2026-11-01 00:00:00')"), {"h": __import__("hashlib").sha256(b"tok").hexdigest()})
     store = Store(path)
-    assert current(store.url) == "0002"
+    assert current(store.url) == "0003"
     ann = store.labeler_for_token("tok")
     assert ann is not None and ann.name == "ann"
     assert store.labeler_for_session(store.start_session(ann.id)).name == "ann"
@@ -322,3 +322,36 @@ def test_pairs_that_are_not_a_ranking_are_refused(tmp_path, rows, message):
     with pytest.raises(DataError) as e:
         import_jsonl(store, src)
     assert message in str(e.value) and f"{src}:" in str(e.value) and store.counts()["rankings"] == 0
+
+
+def test_soft_labels_keep_their_probability(store):
+    """An AI label with a probability: every ordered pair of the ranking carries it; a hard label has none; a
+    probability outside [0.5, 1] (the better completion's) is refused."""
+    from hhh.feedback.store import StoreError
+
+    ai = store.ai_labeler("ai:judge")
+    store.submit(ai, 1, [[1], [2, 3]], submission_id="a1", probability=0.73)
+    ann = labeler(store, "ann")
+    store.submit(ann, 2, [[4], [5], [6]], submission_id="h1")
+    pairs = store.pairs()
+    assert [(p["chosen_id"], p["rejected_id"], p["probability"]) for p in pairs if p["source"] == "ai"] == [
+        (1, 2, 0.73), (1, 3, 0.73), (2, 3, None)]  # the tie carries no probability
+    assert {p["probability"] for p in pairs if p["source"] == "human"} == {None}
+    with pytest.raises(StoreError, match="probability must be in"):
+        store.submit(ai, 3, [[7], [8], [9]], submission_id="a2", probability=0.3)
+
+
+def test_soft_labels_round_trip_through_jsonl(store, tmp_path):
+    src = tmp_path / "ai.jsonl"
+    src.write_text(json.dumps({"prompt": "p", "chosen": "kind", "rejected": "rude", "probability": 0.8,
+                               "source": "ai", "labeler": "ai:critic"}) + "\n"
+                   + json.dumps({"prompt": "q", "chosen": "x", "rejected": "y"}) + "\n")
+    import_jsonl(store, src)
+    out = tmp_path / "out.jsonl"
+    export_jsonl(store, out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r.get("probability")) for r in rows] == [("p", 0.8), ("q", None)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "probability": 0.2}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'probability' must be a number in \[0.5, 1\]"):
+        import_jsonl(store, bad)

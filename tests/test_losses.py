@@ -355,3 +355,17 @@ def test_sft_loss_is_the_token_mean_nll_of_the_response_by_hand():
     torch.testing.assert_close(logp.grad, -mask.float() / 3)  # no gradient reaches a masked token
     parts = sft_loss(logp[:1], mask[:1], n_tokens=3) + sft_loss(logp[1:], mask[1:], n_tokens=3)
     assert float(parts) == pytest.approx(2.0)
+
+
+def test_dpo_loss_with_per_pair_soft_labels_by_hand():
+    """Margins h = [1, -1] at beta 1 and soft labels P(chosen better) = [1.0, 0.75], i.e. eps = [0, 0.25]:
+    pair 1: -log sigma(1) = 0.31326; pair 2: 0.75 * -log sigma(-1) + 0.25 * -log sigma(1) = 0.75 * 1.31326 +
+    0.25 * 0.31326 = 1.06326; mean 0.68826. A scalar eps applies to every pair as before."""
+    from hhh.losses import dpo_loss
+
+    pc, pr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    zero = torch.zeros(2)
+    loss = dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=torch.tensor([0.0, 0.25]))
+    assert float(loss) == pytest.approx((0.313262 + 1.063262) / 2, abs=1e-5)
+    same = dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=torch.tensor([0.25, 0.25]))
+    assert float(same) == pytest.approx(float(dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=0.25)))

@@ -361,7 +361,8 @@ class DPOConfig(PolicyJobSettings):
         "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")
     beta: float = Field(DPO_BETA, gt=0, description="beta: KL strength of the DPO family (default 0.1); SimPO: "
                                                         "reward scale (default 2.0, the paper's range is 2-2.5)")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability that a label is flipped")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO: probability that a label is flipped "
+                                                                  "(pairs with a soft label use 1 - their probability)")
     robust_eps: float = Field(0.1, ge=0, lt=0.5, description="robust DPO: known label-flip rate")
     simpo_gamma_ratio: float = Field(0.5, ge=0, description="SimPO target margin as a fraction of beta: gamma = "
                                                              "ratio * beta (the paper's gamma/beta, ~0.5)")
@@ -374,6 +375,8 @@ class DPOConfig(PolicyJobSettings):
     micro_batch_size: int = Field(4, gt=0, description="pairs per forward/backward (memory bound)")
     lr: float = Field(5e-4, gt=0, description="peak learning rate (AdamW), decayed linearly to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    init_adapter: str | None = Field(None, description="start from this adapter (e.g. an SFT adapter); it also "
+                                                       "becomes the reference")
     out: str | None = Field(None, description="run folder (default runs/dpo-TIMESTAMP)")
 
     @model_validator(mode="before")

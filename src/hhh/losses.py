@@ -217,12 +217,13 @@ def dpo_margin(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_r
 
 
 def dpo_loss(pi_chosen: Tensor, pi_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *, beta: float = 0.1,
-             label_smoothing: float = 0.0) -> Tensor:
+             label_smoothing: float | Tensor = 0.0) -> Tensor:
     """DPO [Rafailov23 eq. 7]: -log sigma(beta h). With label_smoothing eps > 0, cDPO [Mitchell23]: the label is
-    flipped with probability eps, (1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h). Mean over the batch."""
+    flipped with probability eps, (1 - eps) * -log sigma(beta h) + eps * -log sigma(-beta h). Mean over the batch.
+    eps may be a (B,) tensor: per-pair soft labels, eps_i = 1 - P(chosen_i is better) (e.g. AI feedback)."""
     z = beta * dpo_margin(pi_chosen, pi_rejected, ref_chosen, ref_rejected)
     loss = -torch.nn.functional.logsigmoid(z)
-    if label_smoothing:
+    if isinstance(label_smoothing, Tensor) or label_smoothing:
         loss = (1 - label_smoothing) * loss - label_smoothing * torch.nn.functional.logsigmoid(-z)
     return loss.mean()
 

@@ -29,12 +29,14 @@ class Pairs:
     rejected: list[str]
     tie: list[bool]
     margin: list[float | None]
+    probability: list[float | None] | None = None  # soft labels, P(chosen is better) (None: hard labels)
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     def take(self, index: Sequence[int]) -> Pairs:
-        return Pairs(*([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin")))
+        taken = ([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin"))
+        return Pairs(*taken, probability=None if self.probability is None else [self.probability[i] for i in index])
 
 
 def load_pairs(settings: PairSettings, *, skip_ties: bool = False) -> Pairs:
@@ -59,14 +61,16 @@ def load_pairs(settings: PairSettings, *, skip_ties: bool = False) -> Pairs:
         rows = []
         for rec in read_records(data, "pairs"):
             rows.append({"prompt": rec["prompt"], "chosen": rec["completions"][0], "rejected": rec["completions"][1],
-                         "tie": len(rec["tiers"]) == 1, "margin": rec["margin"]})
+                         "tie": len(rec["tiers"]) == 1, "margin": rec["margin"], "probability": rec["probability"]})
     if skip_ties:
         rows = [r for r in rows if not r.get("tie")]
     rows = rows[: settings.max_pairs] if settings.max_pairs else rows
     if not rows:
         raise ValueError(f"data {data!r}: no preference pairs")
+    probability = [r.get("probability") for r in rows]
     return Pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
-                 [bool(r.get("tie")) for r in rows], [r.get("margin") for r in rows])
+                 [bool(r.get("tie")) for r in rows], [r.get("margin") for r in rows],
+                 probability if any(p is not None for p in probability) else None)
 
 
 def _hf_rows(spec: str) -> list[dict]:

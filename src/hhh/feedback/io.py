@@ -62,10 +62,15 @@ def pair_record(row: dict, where: str) -> dict[str, Any]:
     tie = row.get("tie", False)
     if not isinstance(tie, bool):
         raise DataError(f"{where}: field 'tie' must be true or false")
+    probability = row.get("probability")
+    if probability is not None and (not isinstance(probability, int | float) or isinstance(probability, bool)
+                                    or not 0.5 <= probability <= 1):
+        raise DataError(f"{where}: field 'probability' must be a number in [0.5, 1] (P(chosen is better))")
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are the same text")
     return {"prompt": prompt, "completions": [chosen, rejected], "tiers": [[0, 1]] if tie else [[0], [1]],
-            "unsafe": [], "margin": margin, "labeler": row.get("labeler"), "source": row.get("source")}
+            "unsafe": [], "margin": margin, "probability": probability, "labeler": row.get("labeler"),
+            "source": row.get("source")}
 
 
 def _ranking_record(row: dict, where: str) -> dict[str, Any]:
@@ -111,6 +116,7 @@ def merge_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
     index = {t: i for i, t in enumerate(texts)}
     stated: dict[tuple[int, int], tuple[int, int, bool]] = {}  # (low, high) index -> (better, worse, tie)
     margins: dict[tuple[int, int], float] = {}
+    probabilities: dict[tuple[int, int], float] = {}
     wins = [0.0] * len(texts)
     for rec in records:
         if rec["kind"] != "pairs":
@@ -123,6 +129,8 @@ def merge_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
         stated[key] = (*key, True) if tie else (chosen, rejected, False)
         if rec["margin"] is not None:
             margins[stated[key][:2]] = rec["margin"]
+        if rec.get("probability") is not None:
+            probabilities[stated[key][:2]] = rec["probability"]
         wins[chosen] += 0.5 if tie else 1.0
         wins[rejected] += 0.5 if tie else 0.0
     n = len(texts)
@@ -137,7 +145,8 @@ def merge_pairs(records: list[dict[str, Any]]) -> dict[str, Any]:
         raise DataError(f"{records[0]['where']}: the {len(records)} pairs of this prompt by labeler "
                         f"{records[0]['labeler']!r} do not form one ranking (comparisons missing or contradicting "
                         "each other); give each line its own 'labeler', or import rankings instead")
-    return {**records[0], "completions": texts, "tiers": tiers, "unsafe": [], "margin": None, "margins": margins}
+    return {**records[0], "completions": texts, "tiers": tiers, "unsafe": [], "margin": None, "margins": margins,
+            "probability": None, "probabilities": probabilities}
 
 
 def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: str = "import",
@@ -178,7 +187,9 @@ def import_jsonl(store: Store, path: str | Path, *, fmt: str = "auto", labeler: 
             s.add(ranking)
             s.flush()
             margins = {(cids[a], cids[b]): m for (a, b), m in rec.get("margins", {}).items()}
-            store.add_pairs(s, ranking, margin=rec["margin"], margins=margins)
+            probabilities = {(cids[a], cids[b]): m for (a, b), m in rec.get("probabilities", {}).items()}
+            store.add_pairs(s, ranking, margin=rec["margin"], margins=margins, probability=rec.get("probability"),
+                            probabilities=probabilities)
             added += 1
     return {"rankings": added, "skipped": skipped}
 
@@ -192,6 +203,8 @@ def export_lines(store: Store, fmt: str = "pairs", *, ties: bool = False, source
                 row["tie"] = True
             if p["margin"] is not None:
                 row["margin"] = p["margin"]
+            if p.get("probability") is not None:
+                row["probability"] = p["probability"]
             row.update(labeler=p["labeler"], source=p["source"])
             yield json.dumps(row) + "\n"
     elif fmt == "rankings":

@@ -147,6 +147,8 @@ class Pair(Base):
     worse_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
     tie: Mapped[bool] = mapped_column(Boolean, default=False)
     margin: Mapped[float | None] = mapped_column(Float)
+    # a soft label: P(better is better), e.g. an AI feedback model's normalised choice probability; None: a hard label
+    probability: Mapped[float | None] = mapped_column(Float)
     ranking: Mapped[Ranking] = relationship(back_populates="pairs")
 
 
@@ -387,7 +389,8 @@ class Store:
     # --- rankings ----------------------------------------------------------------------------------
 
     def submit(self, labeler_id: int, prompt_id: int, tiers: Sequence[Sequence[int]], *, submission_id: str,
-               unsafe: Sequence[int] = (), margin: float | None = None, edit: int | None = None) -> int:
+               unsafe: Sequence[int] = (), margin: float | None = None, edit: int | None = None,
+               probability: float | None = None) -> int:
         """Save a ranking (or, with edit=RANKING_ID, replace the labeler's own) and its pairs; returns its id.
 
         Refused, changing nothing: an unknown prompt, a ranking that does not list each completion of the prompt
@@ -395,6 +398,8 @@ class Store:
         """
         if not submission_id or len(submission_id) > 64:
             raise StoreError("submission_id must be 1 to 64 characters")
+        if probability is not None and not 0.5 <= probability <= 1:
+            raise StoreError(f"probability must be in [0.5, 1] (the better completion's), got {probability}")
         # Everything that depends only on the request is checked before the write lock is taken: a bad or huge
         # ranking must not hold up another labeler's save.
         with self.read() as s:
@@ -419,7 +424,7 @@ class Store:
                     ranking.tiers, ranking.unsafe = checked, unsafe
                     ranking.submission_id, ranking.revision, ranking.updated_at = submission_id, ranking.revision + 1, _now()
                     ranking.pairs.clear()
-                self.add_pairs(s, ranking, margin=margin)
+                self.add_pairs(s, ranking, margin=margin, probability=probability)
                 s.execute(_table(Skip).delete().where(Skip.prompt_id == prompt_id, Skip.labeler_id == labeler_id))
                 s.flush()
                 return ranking.id
@@ -456,10 +461,14 @@ class Store:
 
     @staticmethod
     def add_pairs(session: Session, ranking: Ranking, *, margin: float | None = None,
-                  margins: dict[tuple[int, int], float] | None = None) -> None:
-        """The K(K-1)/2 pairs of a ranking's tiers; `margins` {(better, worse): m} overrides `margin` per pair."""
+                  margins: dict[tuple[int, int], float] | None = None, probability: float | None = None,
+                  probabilities: dict[tuple[int, int], float] | None = None) -> None:
+        """The K(K-1)/2 pairs of a ranking's tiers; `margins` {(better, worse): m} overrides `margin` per pair;
+        `probability` (a soft label) goes on every ordered pair, `probabilities` overrides it per pair."""
         ranking.pairs.extend(Pair(prompt_id=ranking.prompt_id, better_id=p.better, worse_id=p.worse, tie=p.tie,
-                                  margin=(margins or {}).get((p.better, p.worse), margin))
+                                  margin=(margins or {}).get((p.better, p.worse), margin),
+                                  probability=None if p.tie else (probabilities or {}).get((p.better, p.worse),
+                                                                                            probability))
                              for p in tiers_to_pairs(ranking.tiers))
 
     def skip(self, labeler_id: int, prompt_id: int) -> None:
@@ -537,7 +546,7 @@ class Store:
             texts = dict(s.execute(select(Completion.id, Completion.text)).all())
             prompts = dict(s.execute(select(Prompt.id, Prompt.text)).all())
         return [{"prompt": prompts[p.prompt_id], "chosen": texts[p.better_id], "rejected": texts[p.worse_id],
-                 "tie": p.tie, "margin": p.margin, "labeler": lab.name, "source": "ai" if lab.role == "ai" else "human",
+                 "tie": p.tie, "margin": p.margin, "probability": p.probability, "labeler": lab.name, "source": "ai" if lab.role == "ai" else "human",
                  "prompt_id": p.prompt_id, "chosen_id": p.better_id, "rejected_id": p.worse_id}
                 for p, _r, lab in rows]
 

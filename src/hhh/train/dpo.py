@@ -8,7 +8,8 @@
     # 5. log: loss, implicit rewards beta*(log pi - log ref) of both, margin, accuracy, and both log-probs
     #    (both usually fall; the margin is what DPO raises)
 
-Losses (hhh.losses): sigmoid (DPO; cDPO with label_smoothing), robust, ipo, hinge, simpo, orpo, kto.
+Losses (hhh.losses): sigmoid (DPO; cDPO with label_smoothing, or per pair from soft labels), robust, ipo, hinge,
+simpo, orpo, kto.
 IPO, SimPO and ORPO use per-token mean log-probs; the others sums. KTO takes each pair as one desirable and
 one undesirable example, with its reference point from every example's prompt paired with the next one's answer.
 """
@@ -40,6 +41,7 @@ class Minibatch:
     tokens: Tokens  # (2b rows): rows [0, b) are the prompts with their chosen completion, [b, 2b) the same prompts
                     # with their rejected one; completion + EOS, right-padded
     mismatched: Tokens | None = None  # KTO: (2b rows), the prompt of row k with the completion of row k+1 mod 2b
+    label_smoothing: Tensor | None = None  # (b,) sigmoid loss: per pair, 1 - P(chosen is better) of a soft label
 
     @property
     def pairs(self) -> int:
@@ -103,7 +105,11 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
             completions = b.chosen + b.rejected
             shifted = completions[1:] + completions[:1]
             mismatched = _tokens(tokenizer, b.prompts * 2, shifted, config.max_completion_tokens, device)
-        out.append(Minibatch(tokens, mismatched))
+        smoothing = None
+        if b.probability is not None:  # soft labels (AI feedback): cDPO with each pair's own flip probability
+            smoothing = torch.tensor([config.label_smoothing if p is None else 1.0 - p for p in b.probability],
+                                     device=device)
+        out.append(Minibatch(tokens, mismatched, smoothing))
     return out
 
 
@@ -119,8 +125,9 @@ def sequence_logps(policy: Policy, tokens: Tokens, *, reference: bool = False) -
 
 
 def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor] | None,
-                    kl: Tensor | None = None) -> Tensor:
-    """The configured loss from (sum, mean) log-probs of the 2b rows (chosen first) of policy and reference."""
+                    kl: Tensor | None = None, label_smoothing: Tensor | None = None) -> Tensor:
+    """The configured loss from (sum, mean) log-probs of the 2b rows (chosen first) of policy and reference;
+    `label_smoothing` (b,): the sigmoid loss's per-pair flip probabilities (soft labels), else the config's."""
     which = 1 if config.loss in MEAN_LOGP else 0
     b = pi[0].shape[0] // 2
     pc, pr = pi[which][:b], pi[which][b:]
@@ -132,7 +139,8 @@ def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Ten
         raise ValueError(f"loss {config.loss!r} needs the reference's log-probs")
     rc, rr = ref[which][:b], ref[which][b:]
     if config.loss == "sigmoid":
-        return L.dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=config.label_smoothing)
+        smoothing = config.label_smoothing if label_smoothing is None else label_smoothing
+        return L.dpo_loss(pc, pr, rc, rr, beta=config.beta, label_smoothing=smoothing)
     if config.loss == "robust":
         return L.robust_dpo_loss(pc, pr, rc, rr, beta=config.beta, eps=config.robust_eps)
     if config.loss == "ipo":
@@ -166,7 +174,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     from hhh.models.policy import build_policy
 
     console = console or Console(stderr=True)
-    policy = build_policy(base, config.lora(), seed=config.seed)
+    policy = build_policy(base, config.lora(), seed=config.seed, init_adapter=config.init_adapter)
     device = next(policy.parameters()).device
     # 2. tokens, fixed minibatches
     batches = minibatches(pairs, tokenizer, config, device)
@@ -211,7 +219,8 @@ def _epochs(config: DPOConfig, run: RunDir, policy: Policy, batches: list[Miniba
                     s, m = sequence_logps(policy, part)
                     ref = None if config.loss in NO_REFERENCE else (refs[j][0][idx], refs[j][1][idx])
                     share = (pairs_i.stop - pairs_i.start) / b
-                    micro_loss = preference_loss(config, (s, m), ref, kl) * share
+                    smoothing = None if mb.label_smoothing is None else mb.label_smoothing[pairs_i]
+                    micro_loss = preference_loss(config, (s, m), ref, kl, smoothing) * share
                     micro_loss.backward()
                     loss += float(micro_loss.detach())
                     parts.append(s.detach().view(2, -1))  # (2, pairs in the micro-batch): its chosen, its rejected
