@@ -35,8 +35,9 @@ class Pairs:
         return len(self.prompts)
 
     def take(self, index: Sequence[int]) -> Pairs:
-        taken = ([getattr(self, f)[i] for i in index] for f in ("prompts", "chosen", "rejected", "tie", "margin"))
-        return Pairs(*taken, probability=None if self.probability is None else [self.probability[i] for i in index])
+        pick = lambda xs: [xs[i] for i in index]  # noqa: E731
+        return Pairs(pick(self.prompts), pick(self.chosen), pick(self.rejected), pick(self.tie), pick(self.margin),
+                     None if self.probability is None else pick(self.probability))
 
 
 def load_pairs(settings: PairSettings, *, skip_ties: bool = False) -> Pairs:
