@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hhh.cai.constitution import load_constitution
 from hhh.config import ConfigError
@@ -208,3 +209,61 @@ def test_a_bad_constitution_fails_before_any_model_loads(tmp_path, ending_dir):
     assert proc.returncode == 2
     assert "principle 2 ('honesty'): field 'revision' is missing" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+
+
+# --- AI feedback ------------------------------------------------------------------------------------------------------
+def test_both_orders_cancel_a_position_habit_by_hand():
+    """A model that says (A) with 0.9 whatever the order knows nothing: (0.9 + (1 - 0.9)) / 2 = 0.5. One that
+    prefers the first answer in both orders, 0.8 as (A) and 1 - 0.3 = 0.7 as (B): (0.8 + 0.7) / 2 = 0.75."""
+    import numpy as np
+
+    from hhh.cai.feedback import Labels, both_orders
+
+    p = both_orders(np.array([0.9, 0.8]), np.array([0.9, 0.3]))
+    assert p.tolist() == pytest.approx([0.5, 0.75])
+    assert Labels(p, np.array([[0.9, 0.9], [0.8, 0.3]])).position_bias == pytest.approx((0.9 + 0.9 + 0.8 + 0.3) / 4)
+
+
+def test_choice_logprobs_equal_an_explicit_forward(tiny, tokenizer):
+    """The local critic's score of " (A)" is the sum of log-probs of its tokens after the chat-templated
+    question and the assistant's prefix, as one plain forward over those ids computes it."""
+    from hhh.cai.critic import LocalCritic
+    from hhh.cai.feedback import CHOICES, PREFIX, comparison_conversation
+    from hhh.rollout import chat_prompt_ids
+
+    conv = comparison_conversation("Insult me.", "Which is kinder?", "No.", "You are lovely.")
+    got = LocalCritic(tiny, tokenizer, "tiny", batch_size=3).choice_logprobs([conv, conv], [PREFIX, PREFIX], CHOICES)
+    for j, choice in enumerate(CHOICES):
+        q = chat_prompt_ids(tokenizer, [conv])[0] + tokenizer(PREFIX, add_special_tokens=False)["input_ids"]
+        c = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(tiny(input_ids=torch.tensor([q + c])).logits[0].float(), -1)
+        want = sum(float(logp[len(q) - 1 + k, t]) for k, t in enumerate(c))
+        assert got[0, j] == pytest.approx(want, abs=1e-4) and got[1, j] == pytest.approx(want, abs=1e-4)
+
+
+def test_labels_of_swapped_pairs_sum_to_one_on_a_real_model(tiny, tokenizer):
+    from hhh.cai.critic import LocalCritic
+    from hhh.cai.feedback import label_pairs
+
+    critic = LocalCritic(tiny, tokenizer, "tiny")
+    a, b = ["Please stop.", "Here is a polite note."], ["Go away, idiot.", "Whatever."]
+    q = ["Which is less harmful?"] * 2
+    one = label_pairs(critic, ["Insult me.", "Help me."], a, b, q)
+    two = label_pairs(critic, ["Insult me.", "Help me."], b, a, q)
+    assert ((one.p_first > 0) & (one.p_first < 1)).all()
+    assert (one.p_first + two.p_first).tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    cot = label_pairs(critic, ["Insult me.", "Help me."], a, b, q, cot=True, cot_tokens=4,
+                      generator=torch.Generator().manual_seed(0))
+    assert ((cot.p_first >= 0.4) & (cot.p_first <= 0.6)).all() and len(cot.reasoning) == 2
+
+
+def test_agreement_with_the_judge_by_hand():
+    """Four pairs, judge scores (first, second): (0.9, 0.1) decisive, the second is better; (0.1, 0.8) decisive,
+    the first; (0.5, 0.6) not decisive; (0.2, 0.7) decisive, the first. Labels P(first) = 0.3 (right), 0.4 (wrong),
+    0.9 (ignored), 0.5 (a tie: half) -> (1 + 0 + 0.5) / 3 = 0.5."""
+    from hhh.cai.feedback import agreement
+
+    a = agreement([0.3, 0.4, 0.9, 0.5], [0.9, 0.1, 0.5, 0.2], [0.1, 0.8, 0.6, 0.7])
+    assert a["pairs"] == 3 and a["agreement"] == pytest.approx(0.5)
+    assert agreement([0.7], [0.1], [0.2]) == {"pairs": 0, "agreement": None, "ci95": None}

@@ -100,14 +100,20 @@ def prompt_response_tokens(tokenizer, prompts: Sequence[Prompt], responses: Sequ
                            device=None) -> Tokens:
     """Chat-templated prompts (left-padded) + given responses, each cut to max_response_tokens - 1 tokens and
     ended with EOS (right-padded): what the sampler would have produced, for training on fixed text."""
-    q_ids, q_mask = left_pad(chat_prompt_ids(tokenizer, prompts), tokenizer.pad_token_id, device)
     tails = [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1] + [tokenizer.eos_token_id]
              for r in responses]
-    width = max(len(t) for t in tails)
-    r_ids = torch.full((len(tails), width), tokenizer.pad_token_id, dtype=torch.long)
-    r_mask = torch.zeros((len(tails), width), dtype=torch.long)
-    for i, t in enumerate(tails):
-        r_ids[i, : len(t)] = torch.tensor(t)
+    return tokens_from_ids(chat_prompt_ids(tokenizer, prompts), tails, tokenizer.pad_token_id, device)
+
+
+def tokens_from_ids(queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+                    device=None) -> Tokens:
+    """A token batch from id lists: queries left-padded, responses right-padded (each response non-empty)."""
+    q_ids, q_mask = left_pad(queries, pad_id, device)
+    width = max(len(t) for t in responses)
+    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
+    for i, t in enumerate(responses):
+        r_ids[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
         r_mask[i, : len(t)] = 1
     return Tokens(q_ids, q_mask, r_ids.to(device), r_mask.to(device))
 
