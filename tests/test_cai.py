@@ -144,8 +144,8 @@ def test_off_topic_filter_uses_minilm_similarity_to_the_prompt():
                                                               "off-topic": 1}, "filtered_share": 0.5}
 
 
-def _cai(ending_dir, out, *extra):
-    return subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "sl", "--model", ending_dir, "--max-prompts", "6",
+def _cai(ending_dir, out, *extra, stage="sl"):
+    return subprocess.run([sys.executable, "-m", "hhh.cli", "cai", stage, "--model", ending_dir, "--max-prompts", "6",
                            "--sample-batch-size", "4", "--few-shot", "1", "--max-new-tokens", "8",
                            "--critique-tokens", "24", "--revision-tokens", "24", "--max-benign", "4",
                            "--min-relevance", "-1", "--eval-max-prompts", "2", "--eval-samples", "2",
@@ -267,3 +267,53 @@ def test_agreement_with_the_judge_by_hand():
     a = agreement([0.3, 0.4, 0.9, 0.5], [0.9, 0.1, 0.5, 0.2], [0.1, 0.8, 0.6, 0.7])
     assert a["pairs"] == 3 and a["agreement"] == pytest.approx(0.5)
     assert agreement([0.7], [0.1], [0.2]) == {"pairs": 0, "agreement": None, "ci95": None}
+
+
+def test_rl_stage_refuses_weak_labels_then_trains_dpo_when_told(ending_dir, tmp_path):
+    """A random tiny feedback model cannot show agreement with the judge: the RL stage keeps its labels, audit and
+    store, refuses to train (exit 2, one line naming the override), and a resume with the override trains DPO from
+    the SL-CAI adapter and evaluates it."""
+    out = tmp_path / "run"
+    proc = _cai(ending_dir, out, "--rl-max-prompts", "6", "--rl-epochs", "1", "--rl-batch-size", "2", stage="all")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "RL-CAI refused" in proc.stderr and "--rl-allow-weak-labels" in proc.stderr
+    labels = [json.loads(line) for line in (out / "rl" / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == 6 and all(0 < r["p_first"] < 1 and len(r["p_a"]) == 2 for r in labels)
+    sl_prompts = {json.loads(line)["prompt"] for line in (out / "sl" / "revisions.jsonl").read_text().splitlines()}
+    assert not sl_prompts & {r["prompt"] for r in labels}  # the RL stage answers prompts the SL stage did not see
+    audit = json.loads((out / "rl" / "audit.json").read_text())
+    assert audit["passed"] is False and audit["pairs_labelled"] == 6 and 0 <= audit["position_bias"] <= 1
+    from hhh.feedback.store import Store
+
+    stored = Store(str(out / "rl" / "feedback.db")).pairs(ties=False, source="ai")
+    # exactly 0.5 is a tie (no ordered pair); every other pair carries the probability of its better answer
+    assert {p["probability"] for p in stored} == {max(r["p_first"], 1 - r["p_first"]) for r in labels
+                                                  if r["p_first"] != 0.5}
+    assert "RL stage: AI feedback" in (out / "report.html").read_text()
+    assert not (out / "rl" / "dpo").exists()
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "--resume", str(out), "--rl-allow-weak-labels"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "rl" / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
+    dpo_config = (out / "rl" / "dpo" / "config.toml").read_text()
+    assert "init_adapter" in dpo_config and str(out / "sl" / "adapter") in dpo_config
+    assert "kl/per_completion" in json.loads((out / "rl" / "eval.json").read_text())["redteam:eval"]
+    assert "RL-CAI" in (out / "report.html").read_text()
+
+
+def test_rl_stage_with_a_reward_model_and_ppo(ending_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _cai(ending_dir, out, "--rl-max-prompts", "6", "--rl-method", "ppo", "--rl-allow-weak-labels",
+                "--rl-ppo-steps", "1", stage="all")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "rl" / "rm" / "model" / "rm.json").is_file()
+    ppo = (out / "rl" / "ppo" / "config.toml").read_text()
+    assert f'reward = "rm:{out / "rl" / "rm"}"' in ppo and "init_adapter" in ppo
+    assert (out / "rl" / "ppo" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "rl" / "eval.json").is_file()
+
+
+def test_rl_alone_needs_a_run_to_continue(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "rl", "--out", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "hhh cai rl continues a run" in proc.stderr and not (tmp_path / "x").exists()

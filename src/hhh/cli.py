@@ -92,7 +92,10 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 def cmd_cai(args: argparse.Namespace) -> int:
     from hhh.cai.run import run_cai
 
-    run_cai(resume=args.resume) if args.resume else run_cai(_settings(args, CAIConfig))
+    if args.resume:
+        run_cai(stage=args.stage, resume=args.resume, allow_weak_labels=bool(args.rl__allow_weak_labels))
+    else:
+        run_cai(_settings(args, CAIConfig), stage=args.stage)
     return 0
 
 
@@ -265,9 +268,8 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     **{name: (job.help, job.config, cmd_job) for name, job in JOBS.items()},
     "frontier": ("PPO, GRPO, RLOO and DPO at several KL strengths: held-out reward against KL, plot and table",
                  FrontierConfig, cmd_frontier),
-    "cai sl": ("Constitutional AI, supervised stage: answer -> critique -> revision under a sampled principle, "
-               "filtered, then SFT on the revisions and benign answers; evaluated against the base", CAIConfig,
-               cmd_cai),
+    "cai": ("Constitutional AI: critique -> revision -> SFT (stage sl), then AI preference labels -> DPO or RM + PPO "
+            "(stage rl); base, SL-CAI and RL-CAI evaluated side by side", CAIConfig, cmd_cai),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -292,8 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
-                  "rm": "reward models trained on preference pairs",
-                  "cai": "Constitutional AI: critiques and revisions from a written constitution, then SFT"}
+                  "rm": "reward models trained on preference pairs"}
     for name, (help_text, cls, fn) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
@@ -305,8 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name in ("frontier", "cai sl") or (name in JOBS and JOBS[name].resumable):
+        if name in ("frontier", "cai") or (name in JOBS and JOBS[name].resumable):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+        if name == "cai":
+            p.add_argument("stage", nargs="?", choices=["all", "sl", "rl"], default="all",
+                           help="both stages (default), the supervised stage only, or the RL stage of a --resume'd run")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")
             p.add_argument("run_b", metavar="RUN_B", nargs="?", help="run folder (after)")

@@ -420,9 +420,34 @@ class CAISFTSettings(Settings):
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="share of demonstrations held out for the eval loss")
 
 
+class CAIRLSettings(Settings):
+    """Constitutional AI's RL stage: the [rl] table, flags --rl-method, --rl-feedback-model..."""
+
+    method: typing.Literal["dpo", "ppo"] = Field("dpo", description="dpo: DPO on the soft AI labels; ppo: a reward "
+                                                                     "model on them, then PPO against it")
+    feedback_model: str = Field("base", description="who labels the pairs: base (the model being aligned, no "
+                                                    "adapter) or a model spec")
+    max_prompts: int | None = Field(128, gt=0, description="red-team prompts for pairs, after those the "
+                                                           "supervised stage used")
+    cot: bool = Field(False, description="chain-of-thought before the choice; labels clamped to 40-60%")
+    cot_tokens: int = Field(64, gt=0, description="most tokens of reasoning per question")
+    min_agreement: float = Field(0.6, ge=0, le=1, description="train only if the labels agree with the "
+                                                              "offensive-language judge this often")
+    min_judged_pairs: int = Field(10, ge=1, description="pairs the judge must separate (scores > 0.3 apart) to "
+                                                        "measure agreement")
+    allow_weak_labels: bool = Field(False, description="train on labels that fail the agreement check")
+    beta: float = Field(0.1, gt=0, description="DPO beta")
+    epochs: int = Field(2, gt=0, description="DPO passes over the pairs")
+    batch_size: int = Field(8, gt=0, description="DPO pairs per optimizer step")
+    micro_batch_size: int = Field(4, gt=0, description="DPO pairs per forward/backward")
+    lr: float = Field(5e-4, gt=0, description="DPO peak learning rate")
+    ppo_steps: int = Field(10, gt=0, description="PPO steps (--rl-method ppo)")
+
+
 class CAIConfig(PolicyJobSettings):
     """`hhh cai`: Constitutional AI. Supervised stage: answer -> critique -> revision under a sampled principle,
-    filtered, then SFT on the revisions mixed with benign answers."""
+    filtered, then SFT on the revisions mixed with benign answers. RL stage: AI preference labels on pairs of the
+    SL-CAI model's answers, audited, then DPO (or RM + PPO) from the SL-CAI adapter."""
 
     constitution: str | None = Field(None, description="constitution TOML file (default: hhh's own, 18 principles)")
     critic: str = Field("policy", description="who critiques and revises: policy (the model itself) or a model spec")
@@ -441,6 +466,7 @@ class CAIConfig(PolicyJobSettings):
     min_relevance: float = Field(0.1, ge=-1, le=1, description="filter: drop a revision whose MiniLM cosine "
                                                                 "similarity to the prompt is below this (off-topic)")
     sft: CAISFTSettings = Field(default_factory=CAISFTSettings, description="the supervised fine-tuning step")
+    rl: CAIRLSettings = Field(default_factory=CAIRLSettings, description="the RL stage (AI feedback)")
     out: str | None = Field(None, description="run folder (default runs/cai-TIMESTAMP)")
 
 

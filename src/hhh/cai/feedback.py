@@ -83,7 +83,7 @@ def both_orders(p_a_first_as_a: np.ndarray, p_a_first_as_b: np.ndarray) -> np.nd
     return (p_a_first_as_a + (1 - p_a_first_as_b)) / 2
 
 
-def agreement(p_first: Sequence[float], offensive_first: Sequence[float], offensive_second: Sequence[float], *,
+def agreement(p_first: Sequence[float] | np.ndarray, offensive_first: Sequence[float], offensive_second: Sequence[float], *,
               gap: float = 0.3, seed: int = 0) -> dict[str, Any]:
     """How often the labels prefer the less offensive answer, on pairs whose judge scores differ by more than
     `gap` (a tie, p = 0.5, counts half): {pairs, agreement, ci95} (agreement None without such pairs)."""

@@ -172,6 +172,26 @@ def cai_report(run: RunDir, results: dict[str, dict]) -> Path:
     records = _read_samples(sl / "revisions.jsonl")
     if records:
         parts.append("<h3>Answers, critiques and revisions</h3>" + _revision_rows(records))
+    rl = run.path / "rl"
+    if (rl / "audit.json").is_file():
+        a = json.loads((rl / "audit.json").read_text())
+        agree = "not measurable" if a["agreement"] is None else \
+            f"{a['agreement']:.2f} [{a['ci95'][0]:.2f}, {a['ci95'][1]:.2f}]"
+        verdict = "passed" if a["passed"] else "failed (no training on these labels unless overridden)"
+        parts.append(f"<h2>RL stage: AI feedback</h2><p>{a['pairs_labelled']} pairs labelled. Agreement with the "
+                     f"offensive-language judge on the {a['pairs']} pairs it separates by more than 0.3: {agree}; "
+                     f"threshold {a['threshold']['min_agreement']} on at least {a['threshold']['min_judged_pairs']} "
+                     f"pairs: {verdict}. Position bias (mean P(\"(A)\"), 0.5 = none): {a['position_bias']:.2f}; "
+                     f"mean confidence {a['mean_confidence']:.2f}.</p>")
+    labels = _read_samples(rl / "labels.jsonl")
+    if labels:
+        rows = ["<tr><th>prompt</th><th>first</th><th>second</th><th>P(first better)</th><th>judge (first, second)"
+                "</th></tr>"]
+        for r in labels[:10]:
+            rows.append(f"<tr><td>{html.escape(r['prompt'])}</td><td>{html.escape(r['first'])}</td>"
+                        f"<td>{html.escape(r['second'])}</td><td>{r['p_first']:.2f} ({html.escape(r['comparison'])})"
+                        f"</td><td>{r['offensive_first']:.2f}, {r['offensive_second']:.2f}</td></tr>")
+        parts.append("<table>" + "".join(rows) + "</table>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}")
     page = f"<!doctype html><html><head><meta charset=utf-8><title>hhh cai</title><style>{style}</style></head><body>" \
