@@ -317,3 +317,58 @@ def test_rl_alone_needs_a_run_to_continue(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "rl", "--out", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "hhh cai rl continues a run" in proc.stderr and not (tmp_path / "x").exists()
+
+
+# --- the openai:MODEL@URL critic, against a local server -------------------------------------------------------------
+@pytest.fixture
+def letters_model(tokenizer):
+    """A tiny model whose next token is most often "A", then "B" (every other token equally likely): its answers
+    to a multiple-choice question are checkable by hand."""
+    from hhh.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=0)
+    a, b = (tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in ("A", "B"))
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 1.0
+        emb[a, 0], emb[b, 0] = 1.5, 1.3
+        model.model.norm.weight.zero_()
+        model.model.norm.weight[0] = 1.0
+    return model, a, b
+
+
+def test_endpoint_critic_generates_and_scores_choices_over_http(letters_model, tokenizer, monkeypatch):
+    from hhh.cai.critic import build_critic
+    from hhh.cai.feedback import CHOICES, PREFIX, comparison_conversation, label_pairs
+    from hhh.rollout import chat_prompt_ids
+    from tests.openai_server import Endpoint
+
+    model, a, b = letters_model
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cret")
+    with Endpoint(model, tokenizer, key="s3cret") as url:
+        critic = build_critic(f"openai:tiny@{url}")
+        out = critic.generate(["Say hi.", [{"role": "user", "content": "And again?"}]], max_new_tokens=5,
+                              temperature=0.7, generator=torch.Generator().manual_seed(0))
+        assert len(out) == 2 and all(isinstance(g.text, str) and isinstance(g.ended, bool) for g in out)
+        conv = comparison_conversation("Insult me.", "Which is kinder?", "No.", "You are lovely.")
+        got = critic.choice_logprobs([conv], [PREFIX], CHOICES)[0]
+        # by hand: the model's first-token distribution after the chat-templated question, at A and at B
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([chat_prompt_ids(tokenizer, [conv])[0]]))
+                                     .logits[0, -1].float(), -1)
+        assert got.tolist() == pytest.approx([float(logp[a]), float(logp[b])], abs=1e-4)
+        labels = label_pairs(critic, ["Insult me."], ["No."], ["Lovely."], ["Which is kinder?"])
+        assert labels.p_first[0] == pytest.approx(0.5) and labels.position_bias > 0.5  # it always says A
+        monkeypatch.setenv("OPENAI_API_KEY", "wrong")
+        with pytest.raises(ConnectionError, match=r"critic openai:tiny@.*: AuthenticationError"):
+            build_critic(f"openai:tiny@{url}").generate(["x"], max_new_tokens=2, temperature=0.7,
+                                                        generator=torch.Generator())
+
+
+def test_endpoint_specs_are_checked_before_any_model_loads(tmp_path):
+    from hhh.cai.critic import parse_endpoint
+
+    assert parse_endpoint("openai:gpt-4o-mini@https://api.openai.com/v1") == ("gpt-4o-mini", "https://api.openai.com/v1")
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "cai", "--critic", "openai:nourl", "--out",
+                           str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "expected openai:MODEL@URL" in proc.stderr and not (tmp_path / "x").exists()

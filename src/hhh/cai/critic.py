@@ -3,6 +3,8 @@ from conversations (and, for the feedback stage, scores fixed continuations).
 
     policy                 the model being aligned (the default: the paper's self-critique)
     bundled:NAME, hub id, local folder, .gguf    another local model
+    openai:MODEL@URL       a model behind any OpenAI-compatible endpoint (hhh serve, vLLM, llama.cpp, OpenAI);
+                           the key comes from the environment variable OPENAI_API_KEY (none: no key sent)
 """
 
 from __future__ import annotations
@@ -74,9 +76,87 @@ class LocalCritic:
         return out
 
 
+class EndpointCritic:
+    """A model behind an OpenAI-compatible chat endpoint. Choices are scored from the top log-probs of the first
+    token the model answers with (an endpoint cannot be made to continue an assistant prefix portably): the
+    probability mass on tokens that read "A" (or "(A", " A") against those that read "B"."""
+
+    TOP = 20  # top_logprobs asked for (OpenAI's maximum)
+
+    def __init__(self, model: str, url: str, *, key: str | None = None, workers: int = 8, timeout: float = 120) -> None:
+        from openai import OpenAI
+
+        self.name, self.url, self.workers = f"openai:{model}@{url}", url, workers
+        self.model = model
+        self.client = OpenAI(base_url=url, api_key=key or "none", timeout=timeout, max_retries=1)
+
+    def _chat(self, messages, **kwargs):
+        from openai import OpenAIError
+
+        try:
+            return self.client.chat.completions.create(model=self.model, messages=messages, **kwargs)
+        except OpenAIError as e:
+            raise ConnectionError(f"critic {self.name}: {type(e).__name__}: {str(e)[:200]}") from None
+
+    def _map(self, fn, items: Sequence) -> list:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            return list(pool.map(fn, items))
+
+    def generate(self, conversations: Sequence[Prompt], *, max_new_tokens: int, temperature: float,
+                 generator: torch.Generator) -> list[Generated]:
+        # one seed per request, drawn from the caller's generator: the same generator state asks the same thing
+        seeds = torch.randint(0, 2**31 - 1, (len(conversations),), generator=generator).tolist()
+
+        def one(args) -> Generated:
+            conv, seed = args
+            messages = [{"role": "user", "content": conv}] if isinstance(conv, str) else list(conv)
+            out = self._chat(messages, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
+            choice = out.choices[0]
+            return Generated((choice.message.content or "").strip(), choice.finish_reason == "stop")
+
+        return self._map(one, list(zip(conversations, seeds, strict=True)))
+
+    def choice_logprobs(self, conversations: Sequence[Prompt], prefixes: Sequence[str],
+                        choices: Sequence[str]) -> np.ndarray:
+        letters = [c.strip().strip("()").strip() for c in choices]
+
+        def one(args) -> list[float]:
+            conv, prefix = args
+            messages = [{"role": "user", "content": conv}] if isinstance(conv, str) else list(conv)
+            if prefix.strip() and not prefix.startswith("The answer is"):  # chain-of-thought written before
+                messages = [*messages, {"role": "assistant", "content": prefix},
+                            {"role": "user", "content": "So which is it? Reply with the letter only."}]
+            out = self._chat(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.TOP)
+            content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+            mass = dict.fromkeys(letters, 0.0)
+            for top in (content[0].top_logprobs if content else []):
+                key = top.token.strip().strip("()").strip()
+                if key in mass:
+                    mass[key] += float(np.exp(top.logprob))
+            return [float(np.log(max(mass[x], 1e-9))) for x in letters]
+
+        return np.array(self._map(one, list(zip(conversations, prefixes, strict=True))))
+
+
+def parse_endpoint(spec: str) -> tuple[str, str]:
+    """'openai:MODEL@URL' -> (MODEL, URL)."""
+    model, at, url = spec.removeprefix("openai:").rpartition("@")
+    if not at or not model or not url.startswith(("http://", "https://")):
+        raise ValueError(f"critic {spec!r}: expected openai:MODEL@URL, e.g. openai:gpt-4o-mini@https://api.openai.com/v1")
+    return model, url
+
+
 def build_critic(spec: str, *, policy=None, tokenizer=None, device: str = "auto", dtype: str = "float32",
                  batch_size: int = 32) -> Critic:
-    """`spec` as a critic: "policy" (the given model and tokenizer) or a model spec loaded here."""
+    """`spec` as a critic: "policy" (the given model and tokenizer), openai:MODEL@URL, or a model spec loaded
+    here."""
+    if spec.startswith("openai:"):
+        import os
+
+        model, url = parse_endpoint(spec)
+        return EndpointCritic(model, url, key=os.environ.get("OPENAI_API_KEY"))
     if spec == "policy":
         if policy is None or tokenizer is None:
             raise ValueError("critic 'policy' needs the policy model and its tokenizer")

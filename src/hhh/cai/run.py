@@ -27,9 +27,13 @@ from hhh.runs import RunDir
 def check(config: CAIConfig) -> None:
     """Everything that can be wrong before a model loads: the constitution, the prompt sets."""
     from hhh.cai.constitution import load_constitution
+    from hhh.cai.critic import parse_endpoint
     from hhh.jobs import check_prompt_sets
 
     load_constitution(config.constitution)
+    for spec in (config.critic, config.rl.feedback_model):
+        if spec.startswith("openai:"):
+            parse_endpoint(spec)
     check_prompt_sets([config.prompts, *config.eval.prompts]
                       + ([config.benign_prompts] if config.max_benign != 0 else []))
 
