@@ -168,3 +168,24 @@ def test_sft_errors_are_one_line_and_leave_no_run_folder(argv, message, capsys, 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_demonstration_that_did_not_end_gets_no_eos(tokenizer):
+    """A truncated answer (cut at the token limit) trains its tokens but not a stop where it was cut: its row has
+    no EOS, a finished one ends with EOS."""
+    demos = Demos(["q1", "q2"], ["a finished answer.", "an answer that was cut"], ended=[True, False])
+    batch = batches(demos, tokenizer, SFTConfig(batch_size=2, bucket=False, seed=0), "cpu")[0]
+    rows = {tokenizer.decode(r[m.bool()]): bool((r[m.bool()] == tokenizer.eos_token_id).any())
+            for r, m in zip(batch.response_ids, batch.response_mask, strict=True)}
+    assert rows == {"a finished answer.<|im_end|>": True, "an answer that was cut": False}
+    assert demos.take([1]).ended == [False] and (demos + demos).ended == [True, False, True, False]
+
+
+def test_jsonl_demonstrations_may_say_they_did_not_end(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "response": "b", "ended": False}) + "\n"
+                    + json.dumps({"prompt": "c", "response": "d"}) + "\n")
+    assert load_demos(str(path)).ended == [False, True]
+    path.write_text(json.dumps({"prompt": "a", "response": "b", "ended": "no"}) + "\n")
+    with pytest.raises(DataError, match="d.jsonl:1: field 'ended' must be true or false"):
+        load_demos(str(path))

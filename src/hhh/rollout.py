@@ -97,11 +97,13 @@ def _last_text(prompt: Prompt) -> str:
 
 
 def prompt_response_tokens(tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], max_response_tokens: int,
-                           device=None) -> Tokens:
+                           device=None, *, ended: Sequence[bool] | None = None) -> Tokens:
     """Chat-templated prompts (left-padded) + given responses, each cut to max_response_tokens - 1 tokens and
-    ended with EOS (right-padded): what the sampler would have produced, for training on fixed text."""
-    tails = [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1] + [tokenizer.eos_token_id]
-             for r in responses]
+    ended with EOS (right-padded): what the sampler would have produced, for training on fixed text. A response
+    with ended[i] False was cut at a length limit: no EOS (a model must not learn to stop where it was cut)."""
+    stops = [True] * len(responses) if ended is None else list(ended)
+    tails = [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1]
+             + ([tokenizer.eos_token_id] if stop else []) for r, stop in zip(responses, stops, strict=True)]
     return tokens_from_ids(chat_prompt_ids(tokenizer, prompts), tails, tokenizer.pad_token_id, device)
 
 

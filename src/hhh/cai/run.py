@@ -141,7 +141,8 @@ def _supervised(config: CAIConfig, constitution, run: RunDir, *, base, tokenizer
     sl.to_store(run.path / "sl" / "feedback.db", records, model=config.model, critic=critic.name)
     demos = sl.sft_data(records, benign)
     sl.write_jsonl(run.path / "sl" / "dataset.jsonl",
-                   [{"prompt": p, "response": r} for p, r in zip(demos.prompts, demos.responses, strict=True)])
+                   [{"prompt": p, "response": r, "ended": e}
+                    for p, r, e in zip(demos.prompts, demos.responses, demos.ends(), strict=True)])
     if not len(demos):
         raise ValueError("no revision passed the filters and no benign answer ended: nothing to fine-tune on "
                          "(see RUN/sl/revisions.jsonl; loosen --min-relevance or --max-copy, raise --revision-tokens)")

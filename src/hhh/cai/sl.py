@@ -6,7 +6,8 @@
     # 3. revision: the same conversation, the critique, and the principle's revision request; --rounds repeats 2-3
     #    on the latest revision
     # 4. filter: drop revisions that are truncated, empty, copied from the answer or the critique, or off-topic
-    # 5. data: prompt -> final revision, mixed with benign prompts -> the policy's own answers (helpfulness kept)
+    # 5. data: prompt -> final revision, mixed with benign prompts -> the policy's own answers (helpfulness kept;
+    #    an answer cut at the token limit trains without EOS)
     # 6. SFT on that data (hhh.train.sft)
 
 Every text is kept: RUN/sl/revisions.jsonl (one record per prompt: answer, each round's principle, critique and
@@ -172,8 +173,8 @@ def apply_filters(records: list[dict[str, Any]], config: CAIConfig) -> dict[str,
 
 # --- 5. benign answers and the SFT data --------------------------------------------------------------------------------
 def benign_answers(config: CAIConfig, prompts: Sequence[str], *, model, tokenizer, run: RunDir) -> list[dict]:
-    """The policy's own answers to benign prompts (those that end within --revision-tokens), cached in
-    RUN/sl/benign.jsonl."""
+    """The policy's own answers to benign prompts, cached in RUN/sl/benign.jsonl; those cut at --revision-tokens
+    train without EOS (their content keeps the model helpful; their cut must not teach it to stop mid-sentence)."""
     from hhh.rollout import sample
 
     path = run.path / "sl" / "benign.jsonl"
@@ -185,7 +186,7 @@ def benign_answers(config: CAIConfig, prompts: Sequence[str], *, model, tokenize
         gen = step_generator(config.seed, b, device, stream=3)
         roll = sample(model, tokenizer, list(prompts[part]), max_new_tokens=config.revision_tokens,
                       temperature=config.temperature, generator=gen)
-        rows += [{"prompt": p, "answer": t, "ended": bool(e), "kept": bool(e) and len(t.split()) >= config.min_words}
+        rows += [{"prompt": p, "answer": t, "ended": bool(e), "kept": len(t.split()) >= config.min_words}
                  for p, t, e in zip(roll.prompts, roll.texts, roll.ended.tolist(), strict=True)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -225,7 +226,8 @@ def sft_data(records: list[dict[str, Any]], benign: list[dict[str, Any]]):
     kept = [r for r in records if r["kept"]]
     good = [b for b in benign if b["kept"]]
     return Demos([r["prompt"] for r in kept] + [b["prompt"] for b in good],
-                 [r["revision"] for r in kept] + [b["answer"] for b in good])
+                 [r["revision"] for r in kept] + [b["answer"] for b in good],
+                 [True] * len(kept) + [bool(b["ended"]) for b in good])
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

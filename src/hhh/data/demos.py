@@ -2,7 +2,8 @@
 dataset or the preference store.
 
 JSONL lines are {"prompt": str, "response": str}, or {"messages": [{"role", "content"}, ...]} whose last message is
-the assistant's answer (the earlier turns are the prompt, chat-templated as a conversation). From a store, each
+the assistant's answer (the earlier turns are the prompt, chat-templated as a conversation); optional
+"ended": false marks a response cut at a length limit (trained without EOS). From a store, each
 prompt's top-ranked completions are the demonstrations: completions some labeler preferred to another and that no
 labeler ranked below another.
 """
@@ -21,15 +22,21 @@ from hhh.rollout import Prompt
 class Demos:
     prompts: list[Prompt]
     responses: list[str]
+    ended: list[bool] | None = None  # False: the response was cut at a length limit (trained without EOS); None: all ended
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def ends(self) -> list[bool]:
+        return [True] * len(self) if self.ended is None else self.ended
+
     def take(self, index: Sequence[int]) -> Demos:
-        return Demos([self.prompts[i] for i in index], [self.responses[i] for i in index])
+        return Demos([self.prompts[i] for i in index], [self.responses[i] for i in index],
+                     None if self.ended is None else [self.ended[i] for i in index])
 
     def __add__(self, other: Demos) -> Demos:
-        return Demos(self.prompts + other.prompts, self.responses + other.responses)
+        ended = None if self.ended is None and other.ended is None else self.ends() + other.ends()
+        return Demos(self.prompts + other.prompts, self.responses + other.responses, ended)
 
 
 def demo_record(row: dict, where: str) -> tuple[Prompt, str]:
@@ -54,6 +61,7 @@ def demo_record(row: dict, where: str) -> tuple[Prompt, str]:
 def load_demos(data: str, *, source: str = "all", labelers: Sequence[str] = (), limit: int | None = None) -> Demos:
     """Demonstrations from a JSONL file, `hf:NAME[:SPLIT]` or a store (`db:PATH`, or a path ending in .db)."""
     rows: list[tuple[Prompt, str]]
+    ends: list[bool] = []
     if data.startswith("db:") or data.endswith(".db"):
         rows = _store_rows(data, source, labelers)
     elif data.startswith("hf:"):
@@ -64,11 +72,18 @@ def load_demos(data: str, *, source: str = "all", labelers: Sequence[str] = (), 
     else:
         if not Path(data).exists():
             raise FileNotFoundError(f"data {data!r}: no such file")
-        rows = [demo_record(row, f"{data}:{lineno}") for lineno, row in read_jsonl(data)]
+        rows, ends = [], []
+        for lineno, row in read_jsonl(data):
+            rows.append(demo_record(row, f"{data}:{lineno}"))
+            ended = row.get("ended", True)
+            if not isinstance(ended, bool):
+                raise DataError(f"{data}:{lineno}: field 'ended' must be true or false")
+            ends.append(ended)
     rows = rows[:limit] if limit else rows
     if not rows:
         raise DataError(f"data {data!r}: no demonstrations")
-    return Demos([p for p, _ in rows], [r for _, r in rows])
+    ended = ends[: len(rows)] if ends and not all(ends) else None
+    return Demos([p for p, _ in rows], [r for _, r in rows], ended)
 
 
 def _store_rows(data: str, source: str, labelers: Sequence[str]) -> list[tuple[Prompt, str]]:

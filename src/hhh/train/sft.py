@@ -54,7 +54,8 @@ def batches(demos: Demos, tokenizer, config: SFTConfig, device) -> list[Tokens]:
     out = []
     for part in chunks(len(order), config.batch_size):
         b = demos.take(order[part])
-        out.append(prompt_response_tokens(tokenizer, b.prompts, b.responses, config.max_response_tokens, device))
+        out.append(prompt_response_tokens(tokenizer, b.prompts, b.responses, config.max_response_tokens, device,
+                                          ended=b.ends()))
     return out
 
 
