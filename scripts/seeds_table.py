@@ -16,7 +16,8 @@ from pathlib import Path
 
 METRICS = [("toxicity/mean", "toxicity mean"), ("toxicity/frac_toxic", "fraction > 0.5"),
            ("vader/neg_mean", "VADER negativity (2nd judge)"), ("length/tokens", "length (tokens)"),
-           ("eos_rate", "EOS rate"), ("distinct_2", "distinct-2"), ("kl/per_completion", "KL to the reference (nats)")]
+           ("eos_rate", "EOS rate"), ("distinct_2", "distinct-2"), ("refusal_rate", "refusal rate"),
+           ("kl/per_completion", "KL to the reference (nats)")]
 
 
 def spread(values: list[float]) -> str:
@@ -40,9 +41,21 @@ def timing(run: Path) -> tuple[float, float] | None:
     return seconds, int(rss.group(1)) / 1e6
 
 
+def with_refusals(run: Path, results: dict, tag: str) -> dict:
+    """Runs evaluated before the refusal rate existed: count it from their saved samples (hhh's is_refusal)."""
+    from hhh.evaluate import refusal_rate, samples_file
+
+    for name, metrics in results.items():
+        path = run / samples_file(name, tag)
+        if "refusal_rate" not in metrics and path.is_file():
+            texts = [json.loads(line)["completion"] for line in path.read_text().splitlines() if line.strip()]
+            metrics["refusal_rate"] = refusal_rate(texts)[0]
+    return results
+
+
 def main(runs: list[Path]) -> None:
-    before = [json.loads((r / "eval_before.json").read_text()) for r in runs]
-    after = [json.loads((r / "eval.json").read_text()) for r in runs]
+    before = [with_refusals(r, json.loads((r / "eval_before.json").read_text()), "before") for r in runs]
+    after = [with_refusals(r, json.loads((r / "eval.json").read_text()), "") for r in runs]
     print(f"{len(runs)} runs: {', '.join(str(r) for r in runs)}\n")
     for name in after[0]:
         print(f"| {name} | before | after |\n|---|---|---|")
