@@ -96,6 +96,17 @@ def _samples_table(before: list[dict], after: list[dict], n: int = 12) -> str:
     return "<table>" + "".join(rows) + "</table>"
 
 
+def _write_page(run: RunDir, title: str, parts: list[str]) -> Path:
+    """RUN/report.html from its HTML parts."""
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}.warn{color:#a40}")
+    page = f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>" \
+        "</head><body>" + "".join(parts) + "</body></html>"
+    target = run.path / "report.html"
+    target.write_text(page, encoding="utf-8")
+    return target
+
+
 def write_report(run: RunDir | str | Path) -> Path:
     """Write RUN/report.html (and its PNG plots) from what the run folder holds."""
     run = run if isinstance(run, RunDir) else RunDir(run)
@@ -119,13 +130,7 @@ def write_report(run: RunDir | str | Path) -> Path:
         if sb and sa:
             parts.append(f"<h2>{html.escape(spec)}</h2>" + f'<img src="{_plot_histogram(sb, sa, spec, run.path)}">'
                          + _samples_table(sb, sa))
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}.warn{color:#a40}")
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>hhh report</title><style>{style}</style></head><body>" \
-        + "".join(parts) + "</body></html>"
-    target = run.path / "report.html"
-    target.write_text(page, encoding="utf-8")
-    return target
+    return _write_page(run, "hhh report", parts)
 
 
 def _stage_table(results: dict[str, dict]) -> str:
@@ -192,13 +197,7 @@ def cai_report(run: RunDir, results: dict[str, dict]) -> Path:
                         f"<td>{html.escape(r['second'])}</td><td>{r['p_first']:.2f} ({html.escape(r['comparison'])})"
                         f"</td><td>{r['offensive_first']:.2f}, {r['offensive_second']:.2f}</td></tr>")
         parts.append("<table>" + "".join(rows) + "</table>")
-    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}img{max-width:49%}")
-    page = f"<!doctype html><html><head><meta charset=utf-8><title>hhh cai</title><style>{style}</style></head><body>" \
-        + "".join(parts) + "</body></html>"
-    target = run.path / "report.html"
-    target.write_text(page, encoding="utf-8")
-    return target
+    return _write_page(run, "hhh cai", parts)
 
 
 def _plot_sft(metrics: list[dict], out: Path) -> list[str]:
