@@ -176,3 +176,14 @@ def test_a_failed_resume_keeps_the_folder_it_was_given(tmp_path):
     with pytest.raises(RuntimeError), kept.removed_on_error():
         raise RuntimeError("boom")
     assert (kept.path / "eval_before.json").is_file()
+
+
+def test_every_command_prints_its_help():
+    """A setting's description may hold any character (a '%' once broke `hhh cai --help`: argparse formats help)."""
+    from hhh.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([*name.split(), "--help"])
+        assert done.value.code == 0, name

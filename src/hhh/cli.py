@@ -32,7 +32,7 @@ def _add_settings(parser: argparse.ArgumentParser, cls: type[Settings]) -> None:
         dest = "__".join(path)  # eval__max_prompts: the key max_prompts of the [eval] table
         flag = "--" + "-".join(path).replace("_", "-")
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{description} (default: {shown})"
+        help_text = f"{description} (default: {shown})".replace("%", "%%")  # argparse formats help with %
         if is_bool(annotation):
             parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
