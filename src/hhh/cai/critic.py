@@ -120,12 +120,14 @@ class EndpointCritic:
 
     def choice_logprobs(self, conversations: Sequence[Prompt], prefixes: Sequence[str],
                         choices: Sequence[str]) -> np.ndarray:
+        from hhh.cai.feedback import PREFIX
+
         letters = [c.strip().strip("()").strip() for c in choices]
 
         def one(args) -> list[float]:
             conv, prefix = args
             messages = [{"role": "user", "content": conv}] if isinstance(conv, str) else list(conv)
-            if prefix.strip() and not prefix.startswith("The answer is"):  # chain-of-thought written before
+            if prefix != PREFIX:  # chain-of-thought written before: the reasoning is the assistant's turn
                 messages = [*messages, {"role": "assistant", "content": prefix},
                             {"role": "user", "content": "So which is it? Reply with the letter only."}]
             out = self._chat(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=self.TOP)
