@@ -469,6 +469,13 @@ class CAIConfig(PolicyJobSettings):
     rl: CAIRLSettings = Field(default_factory=CAIRLSettings, description="the RL stage (AI feedback)")
     out: str | None = Field(None, description="run folder (default runs/cai-TIMESTAMP)")
 
+    def stage_settings(self) -> dict[str, Any]:
+        """The settings every stage's trainer (SFT, DPO, PPO) takes from the job: model, generation, seed, prompts,
+        reward, LoRA and evaluation."""
+        keys = ("model", "max_new_tokens", "temperature", "seed", "device", "dtype", "prompts", "reward", "lora_r",
+                "lora_alpha", "lora_dropout", "lora_layers", "eval")
+        return {k: getattr(self, k) for k in keys}
+
 
 class GroupSettings(OnlineSettings):
     """Critic-free online RL (GRPO, RLOO): G samples per prompt."""

@@ -104,7 +104,7 @@ def to_store(store_path: Path, records: list[dict[str, Any]], *, model: str, ada
 def dpo_config(config: CAIConfig, sl_adapter: str, rl_dir: Path) -> DPOConfig:
     """DPO on the stage's AI labels (soft: each pair's probability), from the SL-CAI adapter; run folder rl/dpo."""
     rl = config.rl
-    return DPOConfig(**_shared(config), data=f"db:{rl_dir / 'feedback.db'}", data_source="ai",
+    return DPOConfig(**config.stage_settings(), data=f"db:{rl_dir / 'feedback.db'}", data_source="ai",
                      init_adapter=sl_adapter, beta=rl.beta, epochs=rl.epochs, lr=rl.lr, batch_size=rl.batch_size,
                      micro_batch_size=rl.micro_batch_size, max_completion_tokens=config.max_new_tokens + 1,
                      out=str(rl_dir / "dpo"))
@@ -119,13 +119,8 @@ def rm_config(config: CAIConfig, rl_dir: Path) -> RMConfig:
 def ppo_config(config: CAIConfig, sl_adapter: str, rl_dir: Path) -> DetoxConfig:
     """PPO from the SL-CAI adapter (also the reference) against the reward model of rl/rm (run folder rl/ppo);
     the reward spec is checked here, so the reward model must exist."""
-    return DetoxConfig(**_shared(config), reward=f"rm:{rl_dir / 'rm'}", init_adapter=sl_adapter,
+    return DetoxConfig(**{**config.stage_settings(), "reward": f"rm:{rl_dir / 'rm'}"}, init_adapter=sl_adapter,
                        steps=config.rl.ppo_steps, out=str(rl_dir / "ppo"))
-
-
-def _shared(config: CAIConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in ("model", "max_new_tokens", "temperature", "seed", "device", "dtype",
-                                            "prompts", "lora_r", "lora_alpha", "lora_dropout", "lora_layers", "eval")}
 
 
 def read_labels(path: Path) -> list[dict[str, Any]]:

@@ -40,9 +40,8 @@ def check(config: CAIConfig) -> None:
 
 def sft_config(config: CAIConfig) -> SFTConfig:
     """The SFT step's settings: the job's model, seed, LoRA and eval; the [sft] table's schedule."""
-    shared = {k: getattr(config, k) for k in ("model", "max_new_tokens", "temperature", "seed", "device", "dtype",
-                                              "reward", "lora_r", "lora_alpha", "lora_dropout", "lora_layers", "eval")}
-    return SFTConfig(**shared, **config.sft.model_dump(), max_response_tokens=config.revision_tokens + 1, bucket=True)
+    return SFTConfig(**config.stage_settings(), **config.sft.model_dump(),
+                     max_response_tokens=config.revision_tokens + 1, bucket=True)
 
 
 def run_cai(config: CAIConfig | None = None, *, stage: str = "all", resume: str | None = None,

@@ -188,9 +188,7 @@ def benign_answers(config: CAIConfig, prompts: Sequence[str], *, model, tokenize
                       temperature=config.temperature, generator=gen)
         rows += [{"prompt": p, "answer": t, "ended": bool(e), "kept": len(t.split()) >= config.min_words}
                  for p, t, e in zip(roll.prompts, roll.texts, roll.ended.tolist(), strict=True)]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_jsonl(path, rows)
     return rows
 
 
