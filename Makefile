@@ -33,19 +33,28 @@ detox: setup
 	$(BIN)/hhh detox $(ARGS)
 
 # Debian packages the tests use, installed here when missing: Chromium (browser tests, driven by Playwright
-# with executable_path) and the PostgreSQL server (the store's tests run on SQLite and on PostgreSQL).
+# with executable_path), the PostgreSQL server (the store's tests run on SQLite and on PostgreSQL) and Node.js
+# (llama.cpp's prebuilt binary comes with the npm package node-llama-cpp, for the GGUF export test).
 system:
 	@{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && \
-	  { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } || { \
+	  { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } && \
+	  command -v node >/dev/null && command -v npm >/dev/null || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium postgresql >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium postgresql nodejs npm >/dev/null; }
 
-test: setup system
+# llama.cpp for the GGUF round-trip test: node-llama-cpp at the version in tests/llama_cpp/package-lock.json
+# (its prebuilt linux-x64 binary; no compiler involved).
+LLAMA_CPP := tests/llama_cpp/node_modules/.package-lock.json
+$(LLAMA_CPP): tests/llama_cpp/package-lock.json
+	npm ci --prefix tests/llama_cpp --no-audit --no-fund --loglevel=error
+	touch $(LLAMA_CPP)
+
+test: setup system $(LLAMA_CPP)
 	$(BIN)/ruff check src tests bench scripts
 	$(BIN)/mypy src/hhh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test-fast: setup system
+test-fast: setup system $(LLAMA_CPP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # hhh's DPO and GRPO against TRL's trainers (bench/vs_trl.py). TRL is needed only here: installed without its

@@ -239,6 +239,47 @@ def cmd_rm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from hhh.optimize.merge import merge
+
+    print(f"merging the adapter of {args.run} into its base ...")
+    out = merge(args.run, args.out, model=args.model)
+    print(f"merged model: {out}  (transformers loads it without peft; hhh takes it as a model spec)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from hhh.optimize.export import export_gguf
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"writing {args.out} ({args.quant})", total=None)
+        out = export_gguf(args.source, args.out, quant=args.quant, model=args.model, tokenizer_pre=args.tokenizer_pre,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.quant}); llama.cpp loads it, and so does any hhh "
+          "command as a model spec")
+    return 0
+
+
+def _optimize_args(name: str, p: argparse.ArgumentParser) -> None:
+    """Flags of merge and export (no config class: a source, an output and a few switches)."""
+    if name == "merge":
+        p.add_argument("run", metavar="RUN", help="run folder (its final adapter) or an adapter folder")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder to write the merged model to (new)")
+    if name == "export":
+        p.add_argument("source", metavar="RUN|MODEL", help="run folder (merged with its adapter), adapter folder, or "
+                                                           "model spec")
+        p.add_argument("--format", choices=["gguf"], default="gguf", help="file format (default: gguf)")
+        p.add_argument("--quant", choices=["f16", "q8_0", "q4_0"], default="f16",
+                       help="weight type of the matrices (default: f16)")
+        p.add_argument("--out", required=True, metavar="FILE.gguf", help="file to write (new)")
+        p.add_argument("--tokenizer-pre", metavar="NAME", help="llama.cpp pre-tokenizer name (default: the one of "
+                                                               "the GGUF the model came from, else 'default')")
+    if name in ("merge", "export"):
+        p.add_argument("--model", metavar="SPEC", help="base model of the adapter (default: the run's model)")
+
+
 def _label_args(name: str, p: argparse.ArgumentParser) -> None:
     """Flags of the label commands that have no config class."""
     if name in ("label add-labeler", "label new-token", "label revoke-labeler", "label import", "label export",
@@ -270,6 +311,9 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
                  FrontierConfig, cmd_frontier),
     "cai": ("Constitutional AI: critique -> revision -> SFT (stage sl), then AI preference labels -> DPO or RM + PPO "
             "(stage rl); base, SL-CAI and RL-CAI evaluated side by side", CAIConfig, cmd_cai),
+    "merge": ("fold a run's LoRA adapter into its base model: a plain Hugging Face folder", None, cmd_merge),
+    "export": ("write a run (adapter merged) or a model as one GGUF file for llama.cpp (f16, q8_0, q4_0)", None,
+               cmd_export),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -303,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = (groups[group] if group else sub).add_parser(leaf, help=help_text, description=help_text)
         p.set_defaults(command_name=name)
         _label_args(name, p)
+        _optimize_args(name, p)
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
