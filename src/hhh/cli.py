@@ -10,6 +10,7 @@ from collections.abc import Callable
 from hhh.config import (
     TOKEN_DAYS,
     CAIConfig,
+    CompressConfig,
     ConfigError,
     EvalConfig,
     FrontierConfig,
@@ -262,6 +263,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from hhh.optimize.compress import compress
+
+    if args.resume:
+        run = compress(resume=args.resume)
+    else:
+        if args.source_arg:
+            args.source = args.source_arg
+        run = compress(_settings(args, CompressConfig))
+    print((run.path / "table.md").read_text())
+    print(f"run folder: {run.path}")
+    return 0
+
+
+def cmd_optimize_report(args: argparse.Namespace) -> int:
+    from hhh.optimize.report import rebuild
+
+    table = rebuild(args.run)
+    print(table.read_text())
+    print(f"rebuilt {table} and the plot beside it")
+    return 0
+
+
 def _optimize_args(name: str, p: argparse.ArgumentParser) -> None:
     """Flags of merge and export (no config class: a source, an output and a few switches)."""
     if name == "merge":
@@ -276,6 +300,11 @@ def _optimize_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, metavar="FILE.gguf", help="file to write (new)")
         p.add_argument("--tokenizer-pre", metavar="NAME", help="llama.cpp pre-tokenizer name (default: the one of "
                                                                "the GGUF the model came from, else 'default')")
+    if name == "compress":
+        p.add_argument("source_arg", nargs="?", metavar="RUN|MODEL",
+                       help="run folder (adapter merged in), adapter folder or model spec (same as --source)")
+    if name == "optimize report":
+        p.add_argument("run", metavar="RUN", help="hhh compress run folder")
     if name in ("merge", "export"):
         p.add_argument("--model", metavar="SPEC", help="base model of the adapter (default: the run's model)")
 
@@ -314,6 +343,9 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     "merge": ("fold a run's LoRA adapter into its base model: a plain Hugging Face folder", None, cmd_merge),
     "export": ("write a run (adapter merged) or a model as one GGUF file for llama.cpp (f16, q8_0, q4_0)", None,
                cmd_export),
+    "compress": ("quantize (torchao int8) and prune (magnitude, Wanda) a run's model; measure size, speed, fidelity "
+                 "and whether the alignment survives", CompressConfig, cmd_compress),
+    "optimize report": ("rebuild the table and plot of an hhh compress run", None, cmd_optimize_report),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -338,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
-                  "rm": "reward models trained on preference pairs"}
+                  "rm": "reward models trained on preference pairs",
+                  "optimize": "tables of compressed variants"}
     for name, (help_text, cls, fn) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
@@ -351,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
-        if name in ("frontier", "cai") or (name in JOBS and JOBS[name].resumable):
+        if name in ("frontier", "cai", "compress") or (name in JOBS and JOBS[name].resumable):
             p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
         if name == "cai":
             p.add_argument("stage", nargs="?", choices=["all", "sl", "rl"], default="all",

@@ -513,6 +513,37 @@ class FrontierEvalSettings(EvalSettings):
                                                              "(one set)")
 
 
+CompressMethod = typing.Literal["int8-weight", "int8-dynamic", "magnitude", "wanda"]
+
+
+class CompressConfig(GenerationSettings):
+    source: str = Field(..., description="what to compress: a run folder (its adapter merged in), an adapter folder "
+                                         "or a model spec")
+    methods: list[CompressMethod] = Field(
+        ["int8-weight", "int8-dynamic", "magnitude", "wanda"], description="variants to make: int8-weight, int8-dynamic (torchao), magnitude, wanda "
+                                            "(unstructured pruning)")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of decoder weights pruned by magnitude and wanda")
+    calibration: str = Field("benign:train", description="prompt set whose tokens calibrate Wanda")
+    calibration_prompts: int = Field(64, gt=0, description="calibration prompts (with the model's own answers)")
+    answers: str = Field("benign:eval", description="prompts whose answers by the original measure perplexity, KL "
+                                                    "and top-1 agreement")
+    answer_prompts: int = Field(32, gt=0, description="held-out answers for perplexity, KL and agreement")
+    eval_prompts: list[str] = Field(["redteam:eval", "benign:eval"],
+                                    description="prompt sets of the alignment check (toxicity, refusal rate)")
+    samples_per_prompt: int = Field(2, gt=0, description="completions per prompt in the alignment check")
+    max_prompts: int | None = Field(None, gt=0, description="use only the first N prompts of each eval set")
+    speed_tokens: int = Field(32, gt=0, description="tokens generated per timing (batch 1 and batch 16)")
+    out: str | None = Field(None, description="run folder (default runs/compress-TIMESTAMP)")
+
+    @model_validator(mode="after")
+    def _distinct_methods(self):
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: each method at most once")
+        if not self.methods:
+            raise ValueError("methods: give at least one")
+        return self
+
+
 class FrontierConfig(PolicyJobSettings):
     """`hhh frontier`: PPO, GRPO, RLOO and DPO on the detox task at several KL strengths, each adapter scored on
     held-out prompts; held-out reward against KL to the reference, one curve per method."""
