@@ -76,6 +76,7 @@ def test_sparsity_out_of_range_is_an_error(tiny):
 def test_int8_variants_are_close_to_fp32_and_reload(tiny_dir, tmp_path, tokenizer):
     from transformers import AutoModelForCausalLM
 
+    from hhh.config import CompressConfig
     from hhh.optimize.compress import make_variant
 
     original = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
@@ -83,7 +84,7 @@ def test_int8_variants_are_close_to_fp32_and_reload(tiny_dir, tmp_path, tokenize
     with torch.no_grad():
         ref = original(ids).logits
     for method in ("int8-weight", "int8-dynamic"):
-        folder = make_variant(method, tiny_dir, tmp_path / method, sparsity=0.0, calibration=None)
+        folder = make_variant(method, tiny_dir, tmp_path / method, config=CompressConfig(source=tiny_dir))
         back = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu").eval()
         assert type(back.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"  # still int8 after reload
         with torch.no_grad():
@@ -96,19 +97,23 @@ def test_int8_variants_are_close_to_fp32_and_reload(tiny_dir, tmp_path, tokenize
 def compressed(tiny_dir, tmp_path):
     run = make_run(tiny_dir, tmp_path / "run")
     out = tmp_path / "compress"
-    args = ["compress", str(run), "--out", str(out), "--methods", "int8-weight,wanda", "--max-prompts", "2",
-            "--answer-prompts", "4", "--calibration-prompts", "4", "--samples-per-prompt", "1", "--speed-tokens", "4",
-            "--max-new-tokens", "8"]
+    args = ["compress", str(run), "--out", str(out), "--methods", "int8-weight,wanda,drop-layers,distill",
+            "--max-prompts", "2", "--answer-prompts", "4", "--calibration-prompts", "4", "--samples-per-prompt", "1",
+            "--speed-tokens", "4", "--max-new-tokens", "8", "--student-layers", "1", "--distill-examples", "2",
+            "--distill-steps", "3"]
     assert main(args) == 0
     return out
 
 
 def test_compress_writes_the_table_and_resumes_only_what_is_missing(compressed, capsys):
     rows = {r["name"]: r for r in json.loads((compressed / "table.json").read_text())["rows"]}
-    assert list(rows) == ["original", "int8-weight", "wanda", "base (unaligned)"]
+    assert list(rows) == ["original", "int8-weight", "wanda", "drop-layers", "distill", "base (unaligned)"]
     original = rows["original"]
     assert original["kl_to_original"] == pytest.approx(0, abs=1e-6) and original["top1_agreement"] == 1.0
     assert rows["wanda"]["nonzero_parameters"] < original["nonzero_parameters"]
+    assert rows["drop-layers"]["parameters"] == rows["distill"]["parameters"] < original["parameters"]
+    provenance = json.loads((compressed / "variants" / "distill" / "hhh_provenance.json").read_text())
+    assert len(provenance["layers_kept"]) == 1 and len(provenance["distill_loss"]) == 3
     assert rows["wanda"]["kl_to_original"] > 0 and rows["base (unaligned)"]["kl_to_original"] > 0
     for r in rows.values():
         assert r["tokens_per_s_batch1"] > 0 and r["peak_rss_mib"] > r["model_mib"] > 0
@@ -145,3 +150,71 @@ def test_compress_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "methods" in capsys.readouterr().err
     assert main(["optimize", "report", str(tmp_path)]) == 2
     assert "no table.json" in capsys.readouterr().err
+
+
+def test_layer_dropped_copy_is_the_model_without_those_layers(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hhh.models import tiny_causal_lm
+    from hhh.optimize.distill import layer_dropped
+
+    teacher = tiny_causal_lm(tokenizer, layers=3, seed=0)
+    ids = torch.randint(0, len(tokenizer), (2, 10), generator=torch.Generator().manual_seed(0))
+    student = layer_dropped(teacher, [0, 2])
+    assert student.config.num_hidden_layers == 2 and len(teacher.model.layers) == 3  # the teacher is untouched
+    with torch.no_grad():
+        assert torch.equal(layer_dropped(teacher, [0, 1, 2])(ids).logits, teacher(ids).logits)
+        by_hand = teacher.model.layers
+        teacher.model.layers = torch.nn.ModuleList([by_hand[0], by_hand[2]])
+        expected = teacher(ids).logits
+        teacher.model.layers = by_hand
+        assert torch.equal(student(ids).logits, expected)
+        generated = student.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)  # cache indices ok
+    assert generated.shape[1] == ids.shape[1] + 4
+    student.save_pretrained(tmp_path / "student")
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "student")(ids).logits, expected)
+    with pytest.raises(ValueError, match="within 0..2"):
+        layer_dropped(teacher, [3])
+
+
+def test_layer_importance_finds_a_layer_that_does_nothing(tokenizer):
+    """A layer whose attention output and MLP down projections are zero adds nothing to the residual stream:
+    removing it changes nothing (KL exactly 0); removing any other layer does."""
+    from hhh.models import tiny_causal_lm
+    from hhh.optimize.distill import keep_by_importance, layer_importance
+    from hhh.rollout import tokens_from_ids
+
+    model = tiny_causal_lm(tokenizer, layers=3, seed=0)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.zero_()
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    gen = torch.Generator().manual_seed(0)
+    batch = tokens_from_ids([torch.randint(0, 1000, (6,), generator=gen).tolist() for _ in range(2)],
+                            [torch.randint(0, 1000, (5,), generator=gen).tolist() for _ in range(2)], 0, "cpu")
+    importance = layer_importance(model, [batch])
+    assert importance[1] == pytest.approx(0.0, abs=1e-6) and min(importance[0], importance[2]) > 1e-4
+    assert keep_by_importance(importance, 2) == [0, 2]
+    assert keep_by_importance([0.5, 0.1, 0.3, 0.2], 2) == [0, 2]  # by hand: the two costliest, in model order
+
+
+def test_distillation_lowers_the_students_kl_to_the_teacher(tokenizer):
+    from hhh.models import tiny_causal_lm
+    from hhh.models.load import prepare_tokenizer
+    from hhh.optimize.distill import distill, layer_dropped
+    from hhh.optimize.measure import fidelity, reference
+
+    teacher = tiny_causal_lm(tokenizer, layers=4, seed=0)
+    with torch.no_grad():  # a random tiny model is near uniform; sharpen it so there is something to learn
+        teacher.model.norm.weight.mul_(30.0)
+    tok = prepare_tokenizer(tokenizer)
+    prompts = ["How do I cook rice?", "Name a colour.", "Say hello.", "What is two plus two?"]
+    data = reference(teacher, tok, prompts, max_new_tokens=8, seed=0, batch_size=2, logprobs=False).tokens
+    held_out = reference(teacher, tok, prompts, max_new_tokens=8, seed=0, batch_size=2)  # same answers, with log-probs
+    student = layer_dropped(teacher, [0, 3])
+    before = fidelity(student, held_out)["kl_to_original"]
+    losses = distill(teacher, student, tok, data, steps=30, lr=1e-3, temperature=1.0, alpha=0.9)
+    after = fidelity(student, held_out)["kl_to_original"]
+    assert after < 0.5 * before, (before, after)  # measured: 0.244 -> 0.021 nats per token
+    assert losses[-1] < losses[0]
+    assert all(not p.requires_grad or p.grad is not None for p in student.parameters())

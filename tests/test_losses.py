@@ -369,3 +369,26 @@ def test_dpo_loss_with_per_pair_soft_labels_by_hand():
     assert float(loss) == pytest.approx((0.313262 + 1.063262) / 2, abs=1e-5)
     same = dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=torch.tensor([0.25, 0.25]))
     assert float(same) == pytest.approx(float(dpo_loss(pc, pr, zero, zero, beta=1.0, label_smoothing=0.25)))
+
+
+def test_distill_loss_by_hand():
+    """One answer token, V = 2, target token 0; teacher logits [0, 0] -> p_T = [0.5, 0.5] at any temperature;
+    student logits [ln 3, 0] -> p_S = [0.75, 0.25] at tau = 1.
+      tau = 1: KL = 0.5 ln(0.5/0.75) + 0.5 ln(0.5/0.25) = 0.143841; CE = -ln 0.75 = 0.287682;
+               alpha = 0.5: 0.5 * 0.143841 + 0.5 * 0.287682 = 0.215762
+      tau = 2: p_S = softmax([ln 3 / 2, 0]) = [sqrt 3, 1] / (sqrt 3 + 1) = [0.633975, 0.366025];
+               KL = 0.5 ln(0.5/0.633975) + 0.5 ln(0.5/0.366025) = 0.037252, times tau^2 = 0.149009;
+               CE is taken at tau = 1: 0.287682; alpha = 0.5: 0.218346
+    A second, masked token (any values) changes nothing."""
+    from hhh.losses import distill_loss
+
+    student = torch.tensor([[[math.log(3.0), 0.0], [5.0, -5.0]]])
+    teacher = torch.tensor([[[0.0, 0.0], [-9.0, 9.0]]])
+    targets, mask = torch.tensor([[0, 1]]), torch.tensor([[1.0, 0.0]])
+    assert float(distill_loss(student, teacher, targets, mask, temperature=1.0, alpha=0.5)) == pytest.approx(0.215762,
+                                                                                                             abs=1e-6)
+    assert float(distill_loss(student, teacher, targets, mask, temperature=2.0, alpha=0.5)) == pytest.approx(0.218346,
+                                                                                                             abs=1e-6)
+    assert float(distill_loss(student, teacher, targets, mask, temperature=1.0, alpha=1.0)) == pytest.approx(0.143841,
+                                                                                                             abs=1e-6)
+    assert float(distill_loss(teacher, teacher, targets, mask, alpha=1.0)) == pytest.approx(0.0, abs=1e-7)

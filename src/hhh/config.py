@@ -513,18 +513,30 @@ class FrontierEvalSettings(EvalSettings):
                                                              "(one set)")
 
 
-CompressMethod = typing.Literal["int8-weight", "int8-dynamic", "magnitude", "wanda"]
+CompressMethod = typing.Literal["int8-weight", "int8-dynamic", "magnitude", "wanda", "drop-layers", "distill"]
 
 
 class CompressConfig(GenerationSettings):
     source: str = Field(..., description="what to compress: a run folder (its adapter merged in), an adapter folder "
                                          "or a model spec")
     methods: list[CompressMethod] = Field(
-        ["int8-weight", "int8-dynamic", "magnitude", "wanda"], description="variants to make: int8-weight, int8-dynamic (torchao), magnitude, wanda "
-                                            "(unstructured pruning)")
+        ["int8-weight", "int8-dynamic", "magnitude", "wanda", "drop-layers", "distill"],
+        description="variants to make: int8-weight, int8-dynamic (torchao), magnitude, wanda (unstructured pruning), "
+                    "drop-layers (structured), distill (the layer-dropped student trained on the original)")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of decoder weights pruned by magnitude and wanda")
     calibration: str = Field("benign:train", description="prompt set whose tokens calibrate Wanda")
     calibration_prompts: int = Field(64, gt=0, description="calibration prompts (with the model's own answers)")
+    student_layers: int = Field(14, gt=0, description="decoder layers kept by drop-layers and distill (the least "
+                                                       "important go: KL to the original when each is removed alone)")
+    distill_prompts: list[str] = Field(["benign:train", "redteam:train"],
+                                       description="prompt sets the student learns on (with the original's answers)")
+    distill_examples: int = Field(128, gt=0, description="prompts per distillation set")
+    distill_steps: int = Field(96, ge=0, description="distillation steps (batches of 8)")
+    distill_lr: float = Field(2e-4, gt=0, description="distillation learning rate (AdamW, linear decay)")
+    distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the soft targets")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (KL) term; 1 - alpha on the "
+                                                              "answer tokens' cross-entropy")
+    on_policy: bool = Field(False, description="distill on the student's own answers, scored by the teacher (GKD)")
     answers: str = Field("benign:eval", description="prompts whose answers by the original measure perplexity, KL "
                                                     "and top-1 agreement")
     answer_prompts: int = Field(32, gt=0, description="held-out answers for perplexity, KL and agreement")

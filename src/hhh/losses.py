@@ -25,6 +25,9 @@ References
   [Ahmadian24] Back to Basics: Revisiting REINFORCE Style Optimization (RLOO), arXiv:2402.14740
   [Hu25]       REINFORCE++, arXiv:2501.03262
   [Maechler12] Accurately Computing log(1 - exp(-|a|)), CRAN Rmpfr vignette
+  [Hinton15]   Distilling the Knowledge in a Neural Network, arXiv:1503.02531
+  [Agarwal24]  On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes (GKD),
+               arXiv:2306.13649
 
 Preference losses take sequence log-probs (B,): the sum over completion tokens of log pi(y_t | x, y_<t),
 or the mean over them where the method says so (SimPO, ORPO). pi_* are the policy's, ref_* the reference's.
@@ -206,6 +209,21 @@ def sft_loss(logp: Tensor, mask: Tensor, n_tokens: Tensor | float | None = None)
     SFTTrainer): logp (B, R) at temperature 1, mask (B, R) 1 on response tokens only, so prompt tokens and padding
     get no loss. With `n_tokens` (the minibatch's count), a micro-batch's share of the minibatch mean."""
     return -token_mean(logp, mask, n_tokens)
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, mask: Tensor, *,
+                 temperature: float = 2.0, alpha: float = 0.5, n_tokens: Tensor | float | None = None) -> Tensor:
+    """Knowledge distillation [Hinton15] on response tokens (logits (B, R, V), targets and mask (B, R)):
+
+        alpha * tau^2 * KL( softmax(z_teacher / tau) || softmax(z_student / tau) ) + (1 - alpha) * CE(z_student, y)
+
+    both terms a mean over the masked tokens. The tau^2 keeps the soft term's gradient on the scale of the hard one
+    as tau grows; forward KL (teacher first) is the classic choice, GKD's [Agarwal24] default with on-policy data."""
+    teacher = (teacher_logits.float() / temperature).log_softmax(-1)
+    student = (student_logits.float() / temperature).log_softmax(-1)
+    kl = (teacher.exp() * (teacher - student)).sum(-1)                                        # (B, R)
+    ce = -student_logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]        # (B, R)
+    return alpha * temperature**2 * token_mean(kl, mask, n_tokens) + (1 - alpha) * token_mean(ce, mask, n_tokens)
 
 
 # --- offline preference optimisation ---------------------------------------------------------------

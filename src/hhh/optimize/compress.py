@@ -44,27 +44,65 @@ def _torchao_config(method: str):
     return TorchAoConfig(getattr(q, TORCHAO[method])())
 
 
-def make_variant(method: str, original: Path, out: Path, *, sparsity: float, calibration) -> Path:
-    """Build one variant from the original folder and save it to `out` (with the tokenizer and provenance)."""
+def make_variant(method: str, original: Path, out: Path, *, config: CompressConfig, calibration=None,
+                 console=None) -> Path:
+    """Build one variant from the original folder and save it to `out` (with the tokenizer and provenance).
+    `calibration`: batches of hhh.rollout.Tokens (prompts + the original's answers) for wanda, drop-layers and
+    distill."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hhh.optimize import prune
+    from hhh.optimize import distill, prune
     from hhh.optimize.merge import save_folder
 
     tokenizer = AutoTokenizer.from_pretrained(original)
+    detail: dict[str, Any] = {}
     if method in TORCHAO:
         model = AutoModelForCausalLM.from_pretrained(original, quantization_config=_torchao_config(method),
                                                      device_map="cpu")
-        detail: dict[str, Any] = {"torchao": TORCHAO[method]}
+        detail = {"torchao": TORCHAO[method]}
     else:
         model = AutoModelForCausalLM.from_pretrained(original).eval()
         if method == "magnitude":
-            prune.magnitude(model, sparsity)
-        else:
-            prune.wanda(model, calibration, sparsity)
-        detail = {"sparsity_asked": sparsity, "sparsity": prune.sparsity_of(model)}
+            prune.magnitude(model, config.sparsity)
+        elif method == "wanda":
+            prune.wanda(model, [(t.ids(), t.mask()) for t in calibration], config.sparsity)
+        if method in ("magnitude", "wanda"):
+            detail = {"sparsity_asked": config.sparsity, "sparsity": prune.sparsity_of(model)}
+        if method in ("drop-layers", "distill"):
+            importance = distill.layer_importance(model, calibration)
+            keep = distill.keep_by_importance(importance, config.student_layers)
+            teacher, model = model, distill.layer_dropped(model, keep)
+            detail = {"layers_kept": keep, "layer_importance_kl": importance}
+        if method == "distill":
+            from hhh.data import load_prompts
+            from hhh.optimize.measure import reference
+
+            prompts = [p for spec in config.distill_prompts for p in load_prompts(spec, limit=config.distill_examples)]
+            if console:
+                console.print(f"distill: the original answers {len(prompts)} prompts")
+            data = reference(teacher, _padded(tokenizer), prompts, max_new_tokens=config.max_new_tokens,
+                             seed=config.seed + 1, batch_size=8, logprobs=False).tokens
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
+            from rich.progress import Progress
+
+            with Progress(console=console, transient=True) as bar:
+                task = bar.add_task("distill", total=config.distill_steps)
+                losses = distill.distill(teacher, model, _padded(tokenizer), [data[i] for i in order],
+                                         steps=config.distill_steps, lr=config.distill_lr,
+                                         temperature=config.distill_temperature, alpha=config.distill_alpha,
+                                         on_policy=config.on_policy, max_new_tokens=config.max_new_tokens,
+                                         seed=config.seed,
+                                         progress=lambda step, loss: bar.update(task, completed=step,
+                                                                                description=f"distill {loss:.3f}"))
+            detail["distill_loss"] = losses
     return save_folder(model, tokenizer, out, provenance={"operation": f"compress:{method}", "base": str(original),
                                                           **detail})
+
+
+def _padded(tokenizer):
+    from hhh.models.load import prepare_tokenizer
+
+    return prepare_tokenizer(tokenizer)
 
 
 def load_variant(folder: Path):
@@ -153,9 +191,8 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
     for method in config.methods:
         folder = run.path / "variants" / method
         if not (rows_dir / f"{method}.json").is_file():
-            if method == "wanda" and calibration is None:
-                calib = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False)
-                calibration = [(t.ids(), t.mask()) for t in calib.tokens]
+            if method in ("wanda", "drop-layers", "distill") and calibration is None:
+                calibration = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False).tokens
             if folder.exists() and not (folder / "hhh_provenance.json").is_file():
                 import shutil
 
@@ -163,7 +200,7 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
             if not folder.exists():
                 console.print(f"[bold]{method}[/]: making the variant")
                 (run.path / "variants").mkdir(exist_ok=True)
-                make_variant(method, original, folder, sparsity=config.sparsity, calibration=calibration)
+                make_variant(method, original, folder, config=config, calibration=calibration, console=console)
         row(method, folder)
     if source.adapter is not None:
         from hhh.models.spec import local_path
