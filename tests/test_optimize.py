@@ -268,3 +268,14 @@ def test_llama_cpp_next_token_distributions_match_transformers(exported, tmp_pat
     assert same[gaps_ > tie].all()        # wherever transformers is not near a tie, llama.cpp picks the same token
     assert same.mean() >= 0.9
     assert np.mean(diffs) < tolerance     # and puts about the same probability on it
+
+
+def test_the_commands_print_no_library_noise(tiny_run, tmp_path):
+    """Installing torchao makes peft import it, and its import warns about CUDA kernels that cannot load on a CPU
+    (and torch about enum registration): a user of `hhh merge` should see hhh's lines only."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "hhh.cli", "merge", str(tiny_run), "--out", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Failed to load" not in done.stderr and "register_constant" not in done.stderr, done.stderr[-2000:]

@@ -365,6 +365,15 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
 }
 
 
+def quiet_torchao() -> None:
+    """torchao (imported by peft and transformers once it is installed) warns on import that its CUDA-only kernels
+    (mxfp8, cutlass) do not load, and torch that torchao registers enums: nothing a CPU user can act on."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hhh", description="Align language models: helpful, honest, harmless.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -400,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # peft calls a transformers API that warns it is renamed; nothing a user can act on
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet_torchao()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

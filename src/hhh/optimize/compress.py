@@ -28,15 +28,6 @@ from hhh.runs import RunDir
 TORCHAO = {"int8-weight": "Int8WeightOnlyConfig", "int8-dynamic": "Int8DynamicActivationInt8WeightConfig"}
 
 
-def quiet_torchao() -> None:
-    """torchao's import warns that its CUDA-only kernels (mxfp8, cutlass, triton) do not load, and torch that it
-    registers enums: nothing a CPU user can act on."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def _torchao_config(method: str):
     import torchao.quantization as q
     from transformers import TorchAoConfig
@@ -45,10 +36,10 @@ def _torchao_config(method: str):
 
 
 def make_variant(method: str, original: Path, out: Path, *, config: CompressConfig, calibration=None,
-                 console=None) -> Path:
+                 importance: list[float] | None = None, console=None) -> Path:
     """Build one variant from the original folder and save it to `out` (with the tokenizer and provenance).
     `calibration`: batches of hhh.rollout.Tokens (prompts + the original's answers) for wanda, drop-layers and
-    distill."""
+    distill; `importance`: the original's layer importance, when already measured."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hhh.optimize import distill, prune
@@ -69,7 +60,8 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
         if method in ("magnitude", "wanda"):
             detail = {"sparsity_asked": config.sparsity, "sparsity": prune.sparsity_of(model)}
         if method in ("drop-layers", "distill"):
-            importance = distill.layer_importance(model, calibration)
+            if importance is None:
+                importance = distill.layer_importance(model, calibration)
             keep = distill.keep_by_importance(importance, config.student_layers)
             teacher, model = model, distill.layer_dropped(model, keep)
             detail = {"layers_kept": keep, "layer_importance_kl": importance}
@@ -149,7 +141,6 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
     from hhh.runs import seed_everything
 
     console = console or Console()
-    quiet_torchao()
     if resume:
         if not (Path(resume) / "config.toml").is_file():
             raise ValueError(f"--resume {resume}: not an hhh compress run folder (no config.toml)")
@@ -187,12 +178,18 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
         target.write_text(json.dumps(result, indent=2, default=float))
 
     row("original", original, (model, tokenizer))
-    calibration = None
+    calibration: list | None = None
+    importance: list[float] | None = None
     for method in config.methods:
         folder = run.path / "variants" / method
         if not (rows_dir / f"{method}.json").is_file():
             if method in ("wanda", "drop-layers", "distill") and calibration is None:
                 calibration = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False).tokens
+            if method in ("drop-layers", "distill") and importance is None:
+                from hhh.optimize.distill import layer_importance
+
+                console.print("layer importance: KL to the original with each decoder layer removed alone")
+                importance = layer_importance(model, calibration or [])
             if folder.exists() and not (folder / "hhh_provenance.json").is_file():
                 import shutil
 
@@ -200,7 +197,8 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
             if not folder.exists():
                 console.print(f"[bold]{method}[/]: making the variant")
                 (run.path / "variants").mkdir(exist_ok=True)
-                make_variant(method, original, folder, config=config, calibration=calibration, console=console)
+                make_variant(method, original, folder, config=config, calibration=calibration, importance=importance,
+                             console=console)
         row(method, folder)
     if source.adapter is not None:
         from hhh.models.spec import local_path

@@ -47,28 +47,26 @@ def layer_dropped(model, keep: Sequence[int]):
 
 @torch.no_grad()
 def layer_importance(model, batches: Sequence[Tokens]) -> list[float]:
-    """Per decoder layer: mean KL(model || model without that layer) per answer token over `batches`."""
+    """Per decoder layer: mean KL(model || model without that layer) per answer token over `batches`. One batch's
+    reference log-probs are held at a time: (B, R, V) floats, not the whole set's."""
     from hhh.rollout import response_logits
 
-    def kl_without(skip: int | None) -> float:
-        layers = decoder_layers(model)
-        saved = model.model.layers
-        if skip is not None:
-            model.model.layers = nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
-        try:
-            total = count = 0.0
-            for t, ref in zip(batches, reference, strict=True):
-                lp = response_logits(model, t.query_ids, t.query_mask, t.response_ids, t.response_mask).log_softmax(-1)
-                mask = t.response_mask.float()
-                total += float(((ref.exp() * (ref - lp)).sum(-1) * mask).sum())
-                count += float(mask.sum())
-            return total / count
-        finally:
-            model.model.layers = saved
-
-    reference = [response_logits(model, t.query_ids, t.query_mask, t.response_ids, t.response_mask).log_softmax(-1)
-                 for t in batches]
-    return [kl_without(i) for i in range(len(decoder_layers(model)))]
+    layers = decoder_layers(model)
+    totals, count = [0.0] * len(layers), 0.0
+    try:
+        for t in batches:
+            model.model.layers = layers
+            args = (t.query_ids, t.query_mask, t.response_ids, t.response_mask)
+            ref = response_logits(model, *args).log_softmax(-1)                          # (B, R, V)
+            mask = t.response_mask.float()
+            count += float(mask.sum())
+            for skip in range(len(layers)):
+                model.model.layers = nn.ModuleList([m for i, m in enumerate(layers) if i != skip])
+                lp = response_logits(model, *args).log_softmax(-1)
+                totals[skip] += float(((ref.exp() * (ref - lp)).sum(-1) * mask).sum())
+    finally:
+        model.model.layers = layers
+    return [x / count for x in totals]
 
 
 def keep_by_importance(importance: Sequence[float], n_keep: int) -> list[int]:
