@@ -91,6 +91,8 @@ def test_int8_variants_are_close_to_fp32_and_reload(tiny_dir, tmp_path, tokenize
             got = back(ids).logits
         relative = (got - ref).norm() / ref.norm()
         assert 0 < relative < 0.05, (method, float(relative))
+    assert main(["export", str(tmp_path / "int8-weight"), "--out", str(tmp_path / "q.gguf")]) == 2  # one-line error
+    assert not (tmp_path / "q.gguf").exists()
 
 
 @pytest.fixture

@@ -169,10 +169,18 @@ def test_gguf_metadata_and_names_match_llama_cpps_own_converter(tiny_run, tmp_pa
     assert ours.fields["llama.attention.head_count_kv"].contents() == config["num_key_value_heads"]
 
 
-def test_export_of_the_bundled_model_inherits_its_pre_tokenizer(tmp_path):
+def test_export_of_the_bundled_model_inherits_its_pre_tokenizer(tmp_path, tiny_dir):
     from hhh.optimize.export import pre_tokenizer_of
 
     assert pre_tokenizer_of(DEFAULT_MODEL) == "smollm"
+    # a folder hhh wrote (compress variant -> merged original -> bundled GGUF) is followed back to the GGUF
+    merged, variant = tmp_path / "original", tmp_path / "variant"
+    for folder, base in ((merged, DEFAULT_MODEL), (variant, str(merged))):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "hhh_provenance.json").write_text(json.dumps({"base": base}))
+    assert pre_tokenizer_of(str(variant)) == "smollm"
+    assert pre_tokenizer_of(tiny_dir) is None  # not from a GGUF: export falls back to 'default' or --tokenizer-pre
 
 
 def test_export_refuses_what_it_would_get_wrong(tmp_path, tokenizer, capsys):

@@ -191,6 +191,10 @@ def write_gguf(model, tokenizer, path: str | Path, *, quant: str = "f16", name: 
             special.add_to_gguf(writer, quiet=True)
 
         state = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+        packed = [k for k, v in state.items() if type(v) not in (torch.Tensor, torch.nn.Parameter)]
+        if packed:  # a torchao folder: its int8 tensors would be exported as whatever .float() makes of them
+            raise ValueError(f"GGUF export needs plain float weights; {packed[0]} is a {type(state[packed[0]]).__name__} "
+                             "(a quantized variant): export the original and choose --quant")
         names = [k for k in state if not k.endswith("rotary_emb.inv_freq")]
         for i, key in enumerate(names):
             w = state[key].detach().to(torch.float32).cpu()
