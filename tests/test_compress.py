@@ -117,7 +117,9 @@ def test_compress_writes_the_table_and_resumes_only_what_is_missing(compressed, 
     provenance = json.loads((compressed / "variants" / "distill" / "hhh_provenance.json").read_text())
     assert len(provenance["layers_kept"]) == 1 and len(provenance["distill_loss"]) == 3
     assert rows["wanda"]["kl_to_original"] > 0 and rows["base (unaligned)"]["kl_to_original"] > 0
+    assert all(rows[n]["seconds_making"] > 0 for n in ("int8-weight", "wanda", "drop-layers", "distill"))
     for r in rows.values():
+        assert r["seconds_measuring"] > 0
         assert r["tokens_per_s_batch1"] > 0 and r["peak_rss_mib"] > r["model_mib"] > 0
         assert 0 <= r["eval"]["redteam:eval"]["toxicity/mean"] <= 1 and "refusal_rate" in r["eval"]["benign:eval"]
     assert (compressed / "plot_compress.png").stat().st_size > 0

@@ -17,6 +17,7 @@ where it stopped (`--resume RUN`): finished rows are read back, not measured aga
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,8 +174,13 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
         target = rows_dir / f"{name}.json"
         if target.is_file():
             return
+        start = time.perf_counter()
         m, t = loaded or load_variant(folder)
         result = measure(name, m, t, folder, config, ref, speed_prompts, console)
+        result["seconds_measuring"] = time.perf_counter() - start
+        made = folder / "hhh_provenance.json"
+        if made.is_file() and "seconds_making" in (record := json.loads(made.read_text())):
+            result["seconds_making"] = record["seconds_making"]
         target.write_text(json.dumps(result, indent=2, default=float))
 
     row("original", original, (model, tokenizer))
@@ -183,6 +189,7 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
     for method in config.methods:
         folder = run.path / "variants" / method
         if not (rows_dir / f"{method}.json").is_file():
+            start = time.perf_counter()  # the making of a variant includes the calibration it is the first to need
             if method in ("wanda", "drop-layers", "distill") and calibration is None:
                 calibration = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False).tokens
             if method in ("drop-layers", "distill") and importance is None:
@@ -199,6 +206,9 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
                 (run.path / "variants").mkdir(exist_ok=True)
                 make_variant(method, original, folder, config=config, calibration=calibration, importance=importance,
                              console=console)
+                record = json.loads((folder / "hhh_provenance.json").read_text())  # how long it took, for the table
+                record["seconds_making"] = time.perf_counter() - start
+                (folder / "hhh_provenance.json").write_text(json.dumps(record, indent=2))
         row(method, folder)
     if source.adapter is not None:
         from hhh.models.spec import local_path

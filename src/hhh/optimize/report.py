@@ -27,7 +27,7 @@ def _ci(row: dict[str, Any], key: str) -> str:
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = ["variant", "params", "non-zero", "MiB on disk", "peak RSS MiB (model)", "tok/s b1", "tok/s b16",
             "perplexity", "KL to original", "top-1 agree", "red-team toxicity [95% CI]", "> 0.5", "VADER neg",
-            "refusal (benign)"]
+            "refusal (benign)", "seconds (make + measure)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     original = rows[0]
     for r in rows:
@@ -37,9 +37,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                  f"{r['tokens_per_s_batch1']:.1f} ({speed:.2f}x)", f"{r['tokens_per_s_batch16']:.1f}",
                  f"{r['perplexity']:.3f}", f"{r['kl_to_original']:.4f}", f"{r['top1_agreement']:.3f}",
                  _ci(r, M.TOXICITY), _fmt(_get(r, REDTEAM, M.TOXIC_FRACTION)),
-                 _fmt(_get(r, REDTEAM, M.VADER_NEG)), _fmt(_get(r, BENIGN, M.REFUSAL_RATE))]
+                 _fmt(_get(r, REDTEAM, M.VADER_NEG)), _fmt(_get(r, BENIGN, M.REFUSAL_RATE)), _seconds(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _seconds(row: dict[str, Any]) -> str:
+    if "seconds_measuring" not in row:
+        return "-"
+    return f"{row.get('seconds_making', 0.0):.0f} + {row['seconds_measuring']:.0f}"
 
 
 def _fmt(value: float | None) -> str:
