@@ -97,6 +97,13 @@ def test_int8_variants_are_close_to_fp32_and_reload(tiny_dir, tmp_path, tokenize
 
 @pytest.fixture
 def compressed(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hhh.models import DEFAULT_MODEL
+    from hhh.models.spec import local_path
+
+    # the tokenizer as a model ships it (pad == EOS), not as hhh prepares it for sampling
+    AutoTokenizer.from_pretrained(local_path(DEFAULT_MODEL)).save_pretrained(tiny_dir)
     run = make_run(tiny_dir, tmp_path / "run")
     out = tmp_path / "compress"
     args = ["compress", str(run), "--out", str(out), "--methods", "int8-weight,wanda,drop-layers,distill",
@@ -123,6 +130,12 @@ def test_compress_writes_the_table_and_resumes_only_what_is_missing(compressed, 
         assert r["tokens_per_s_batch1"] > 0 and r["peak_rss_mib"] > r["model_mib"] > 0
         assert 0 <= r["eval"]["redteam:eval"]["toxicity/mean"] <= 1 and "refusal_rate" in r["eval"]["benign:eval"]
     assert (compressed / "plot_compress.png").stat().st_size > 0
+    # every variant ships the original's tokenizer as it was, not hhh's sampling choices (pad token, padding side)
+    shipped = json.loads((compressed / "original" / "tokenizer_config.json").read_text())
+    for name in ("int8-weight", "wanda", "drop-layers", "distill"):
+        config = json.loads((compressed / "variants" / name / "tokenizer_config.json").read_text())
+        assert (config.get("pad_token"), config.get("padding_side")) == (shipped.get("pad_token"),
+                                                                         shipped.get("padding_side")), name
     # the variants load as plain transformers folders and as hhh model specs
     from hhh.models.load import load_causal_lm
 

@@ -43,6 +43,7 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
     distill; `importance`: the original's layer importance, when already measured."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hhh.models.load import load_tokenizer
     from hhh.optimize import distill, prune
     from hhh.optimize.merge import save_folder
 
@@ -73,14 +74,15 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
             prompts = [p for spec in config.distill_prompts for p in load_prompts(spec, limit=config.distill_examples)]
             if console:
                 console.print(f"distill: the original answers {len(prompts)} prompts")
-            data = reference(teacher, _padded(tokenizer), prompts, max_new_tokens=config.max_new_tokens,
+            sampler = load_tokenizer(str(original))  # hhh's padding for sampling; `tokenizer` is saved as it ships
+            data = reference(teacher, sampler, prompts, max_new_tokens=config.max_new_tokens,
                              seed=config.seed + 1, batch_size=8, logprobs=False).tokens
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
             from rich.progress import Progress
 
             with Progress(console=console, transient=True) as bar:
                 task = bar.add_task("distill", total=config.distill_steps)
-                losses = distill.distill(teacher, model, _padded(tokenizer), [data[i] for i in order],
+                losses = distill.distill(teacher, model, sampler, [data[i] for i in order],
                                          steps=config.distill_steps, lr=config.distill_lr,
                                          temperature=config.distill_temperature, alpha=config.distill_alpha,
                                          on_policy=config.on_policy, max_new_tokens=config.max_new_tokens,
@@ -90,12 +92,6 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
             detail["distill_loss"] = losses
     return save_folder(model, tokenizer, out, provenance={"operation": f"compress:{method}", "base": str(original),
                                                           **detail})
-
-
-def _padded(tokenizer):
-    from hhh.models.load import prepare_tokenizer
-
-    return prepare_tokenizer(tokenizer)
 
 
 def load_variant(folder: Path):
