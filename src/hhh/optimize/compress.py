@@ -214,7 +214,7 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
         row("base (unaligned)", base, (base_model, load_tokenizer(source.model)))
     rows = [json.loads((rows_dir / f"{n}.json").read_text()) for n in
             ["original", *config.methods, *(["base (unaligned)"] if source.adapter else [])]]
-    write_table(run, rows, config)
+    write_table(run, rows)
     console.print(f"table: {run.path / 'table.md'}")
     return run
 

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import subprocess
@@ -125,7 +124,3 @@ def fidelity(model, ref: Reference) -> dict[str, float]:
         agree += float(((lp.argmax(-1) == ref_lp.argmax(-1)).float() * mask).sum())
         n += float(mask.sum())
     return {"perplexity": math.exp(nll / n), "kl_to_original": kl / n, "top1_agreement": agree / n}
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float))

@@ -80,7 +80,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_table(run: RunDir, rows: list[dict[str, Any]], config) -> None:
+def write_table(run: RunDir, rows: list[dict[str, Any]]) -> None:
     run.write_json("table.json", {"rows": rows})
     (run.path / "table.md").write_text(markdown(rows))
     plot(rows, run.path / "plot_compress.png")
