@@ -235,3 +235,30 @@ def test_distillation_lowers_the_students_kl_to_the_teacher(tokenizer):
     assert after < 0.5 * before, (before, after)  # measured: 0.244 -> 0.021 nats per token
     assert losses[-1] < losses[0]
     assert all(not p.requires_grad or p.grad is not None for p in student.parameters())
+
+
+def test_rebatch_keeps_every_row_and_trims_padding(tokenizer):
+    """Answers sampled 64 at a time train 8 at a time: the smaller batches hold the same rows in order, padded only
+    to their own longest row, and a model reads the same logits from them as from the wide batch."""
+    from hhh.models import tiny_causal_lm
+    from hhh.optimize.distill import rebatch
+    from hhh.rollout import response_logits, tokens_from_ids
+
+    queries = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15], [16]]
+    responses = [[20], [21, 22, 23, 24, 25], [26, 27], [28, 29]]
+    wide = tokens_from_ids(queries, responses, 0, "cpu")
+    parts = rebatch([wide], 2)
+    assert [len(p) for p in parts] == [2, 2]
+    assert parts[0].query_ids.shape == (2, 6) and parts[0].response_ids.shape == (2, 5)
+    assert parts[1].query_ids.shape == (2, 3) and parts[1].response_ids.shape == (2, 2)  # was (2, 6) and (2, 5)
+    for i, row in enumerate(range(4)):
+        part, j = parts[i // 2], i % 2
+        assert part.query_ids[j][part.query_mask[j].bool()].tolist() == queries[row]
+        assert part.response_ids[j][part.response_mask[j].bool()].tolist() == responses[row]
+    model = tiny_causal_lm(tokenizer, layers=2, seed=0).eval()
+    with torch.no_grad():
+        full = response_logits(model, wide.query_ids, wide.query_mask, wide.response_ids, wide.response_mask)
+        small = response_logits(model, parts[1].query_ids, parts[1].query_mask, parts[1].response_ids,
+                                parts[1].response_mask)
+    assert torch.allclose(small, full[2:, :2], atol=1e-5)
+    assert [len(p) for p in rebatch([wide, parts[1]], 3, limit=5)] == [3, 2]  # across batches, first `limit` rows

@@ -526,12 +526,14 @@ class CompressConfig(GenerationSettings):
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of decoder weights pruned by magnitude and wanda")
     calibration: str = Field("benign:train", description="prompt set whose tokens calibrate Wanda")
     calibration_prompts: int = Field(64, gt=0, description="calibration prompts (with the model's own answers)")
+    importance_prompts: int = Field(16, gt=0, description="calibration answers that measure each layer's importance "
+                                                          "(16 and 64 choose the same layers for the bundled model)")
     student_layers: int = Field(14, gt=0, description="decoder layers kept by drop-layers and distill (the least "
                                                        "important go: KL to the original when each is removed alone)")
     distill_prompts: list[str] = Field(["benign:train", "redteam:train"],
                                        description="prompt sets the student learns on (with the original's answers)")
     distill_examples: int = Field(128, gt=0, description="prompts per distillation set")
-    distill_steps: int = Field(96, ge=0, description="distillation steps (batches of 8)")
+    distill_steps: int = Field(64, ge=0, description="distillation steps (batches of 8)")
     distill_lr: float = Field(2e-4, gt=0, description="distillation learning rate (AdamW, linear decay)")
     distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the soft targets")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (KL) term; 1 - alpha on the "

@@ -63,7 +63,7 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
             detail = {"sparsity_asked": config.sparsity, "sparsity": prune.sparsity_of(model)}
         if method in ("drop-layers", "distill"):
             if importance is None:
-                importance = distill.layer_importance(model, calibration)
+                importance = importance_of(model, calibration or [], config, tokenizer.pad_token_id)
             keep = distill.keep_by_importance(importance, config.student_layers)
             teacher, model = model, distill.layer_dropped(model, keep)
             detail = {"layers_kept": keep, "layer_importance_kl": importance}
@@ -75,8 +75,9 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
             if console:
                 console.print(f"distill: the original answers {len(prompts)} prompts")
             sampler = load_tokenizer(str(original))  # hhh's padding for sampling; `tokenizer` is saved as it ships
-            data = reference(teacher, sampler, prompts, max_new_tokens=config.max_new_tokens,
-                             seed=config.seed + 1, batch_size=8, logprobs=False).tokens
+            answered = reference(teacher, sampler, prompts, max_new_tokens=config.max_new_tokens,
+                                 seed=config.seed + 1, batch_size=64, logprobs=False).tokens
+            data = distill.rebatch(answered, 8, pad_id=sampler.pad_token_id)  # sampled wide, trained 8 at a time
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed)).tolist()
             from rich.progress import Progress
 
@@ -189,10 +190,8 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
             if method in ("wanda", "drop-layers", "distill") and calibration is None:
                 calibration = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False).tokens
             if method in ("drop-layers", "distill") and importance is None:
-                from hhh.optimize.distill import layer_importance
-
                 console.print("layer importance: KL to the original with each decoder layer removed alone")
-                importance = layer_importance(model, calibration or [])
+                importance = importance_of(model, calibration or [], config, tokenizer.pad_token_id)
             if folder.exists() and not (folder / "hhh_provenance.json").is_file():
                 import shutil
 
@@ -222,5 +221,13 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
 def reference_of(model, tokenizer, prompts: list[str], config: CompressConfig, *, keep_logprobs: bool = True):
     from hhh.optimize.measure import reference
 
+    # full log-probs are (B, R, V) floats per batch: 32 rows of 48 tokens hold 0.3 GB; without them, sample wider
     return reference(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens, seed=config.seed,
-                     logprobs=keep_logprobs)
+                     logprobs=keep_logprobs, batch_size=32 if keep_logprobs else 64)
+
+
+def importance_of(model, calibration, config: CompressConfig, pad_id: int) -> list[float]:
+    """Each decoder layer's importance, on the first `config.importance_prompts` calibration answers."""
+    from hhh.optimize.distill import layer_importance, rebatch
+
+    return layer_importance(model, rebatch(calibration, 16, limit=config.importance_prompts, pad_id=pad_id))

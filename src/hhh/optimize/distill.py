@@ -45,6 +45,23 @@ def layer_dropped(model, keep: Sequence[int]):
     return student
 
 
+def rebatch(batches: Sequence[Tokens], size: int, *, limit: int | None = None, pad_id: int = 0) -> list[Tokens]:
+    """The rows of `batches`, in order (the first `limit` of them), regrouped `size` at a time and each group padded
+    only to its own longest prompt and answer. Answers sample fastest in wide batches; training steps want narrow
+    ones. Padding is masked everywhere it is read, so `pad_id` only fills it."""
+    from hhh.rollout import tokens_from_ids
+
+    queries, answers = [], []
+    for t in batches:
+        for q, qm, r, rm in zip(t.query_ids, t.query_mask, t.response_ids, t.response_mask, strict=True):
+            queries.append(q[qm.bool()].tolist())
+            answers.append(r[rm.bool()].tolist())
+    if limit is not None:
+        queries, answers = queries[:limit], answers[:limit]
+    return [tokens_from_ids(queries[i:i + size], answers[i:i + size], pad_id, batches[0].query_ids.device)
+            for i in range(0, len(queries), size)]
+
+
 @torch.no_grad()
 def layer_importance(model, batches: Sequence[Tokens]) -> list[float]:
     """Per decoder layer: mean KL(model || model without that layer) per answer token over `batches`. One batch's

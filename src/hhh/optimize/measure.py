@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 import subprocess
@@ -54,13 +55,21 @@ def peak_memory_mib(folder: str | Path) -> dict[str, float]:
               "        m(torch.ones(1, 16, dtype=torch.long))\n"
               "status = open('/proc/self/status').read()\n"
               "print(int(re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1)) / 1024)\n")
-    values = []
-    for arg in ("", str(folder)):
-        done = subprocess.run([sys.executable, "-c", script, arg], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"measuring the memory of {folder} failed: {done.stderr.strip().splitlines()[-1:]}")
-        values.append(float(done.stdout.strip().splitlines()[-1]))
-    return {"peak_rss_mib": values[1], "model_mib": values[1] - values[0]}
+    peak = _peak_rss_mib(script, str(folder))
+    return {"peak_rss_mib": peak, "model_mib": peak - _baseline_mib(script)}
+
+
+@functools.cache  # the import-only process is the same for every folder this process measures
+def _baseline_mib(script: str) -> float:
+    return _peak_rss_mib(script, "")
+
+
+def _peak_rss_mib(script: str, folder: str) -> float:
+    done = subprocess.run([sys.executable, "-c", script, folder], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring the memory of {folder or 'the import'} failed: "
+                           f"{done.stderr.strip().splitlines()[-1:]}")
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 @torch.no_grad()
