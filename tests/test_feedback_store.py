@@ -28,7 +28,7 @@ def labeler(store, name, role="labeler"):
 
 
 def test_migrations_build_exactly_the_models_schema(store):
-    assert current(store.url) == "0003"
+    assert current(store.url) == "0004"
     with store.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         if store.url.startswith("sqlite"):
@@ -40,7 +40,8 @@ def test_reopening_keeps_everything_and_does_not_migrate_twice(store):
     ann = labeler(store, "ann")
     store.submit(ann, 1, [[1], [2], [3]], submission_id="s1")
     again = Store(store.url)
-    assert again.counts() == {"prompts": 3, "completions": 9, "labelers": 1, "rankings": 1, "pairs": 3, "skips": 0}
+    assert again.counts() == {"prompts": 3, "completions": 9, "labelers": 1, "rankings": 1, "pairs": 3, "skips": 0,
+                                   "served": 0, "served_feedback": 0}
 
 
 def test_a_store_at_revision_0001_upgrades_and_keeps_its_labels(tmp_path):
@@ -55,7 +56,7 @@ def test_a_store_at_revision_0001_upgrades_and_keeps_its_labels(tmp_path):
         conn.execute(text("INSERT INTO labelers (name, role, token_hash, created_at) VALUES "
                           "('ann', 'labeler', :h, '2026-11-01 00:00:00')"), {"h": __import__("hashlib").sha256(b"tok").hexdigest()})
     store = Store(path)
-    assert current(store.url) == "0003"
+    assert current(store.url) == "0004"
     ann = store.labeler_for_token("tok")
     assert ann is not None and ann.name == "ann"
     assert store.labeler_for_session(store.start_session(ann.id)).name == "ann"
@@ -355,3 +356,43 @@ def test_soft_labels_round_trip_through_jsonl(store, tmp_path):
     bad.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "probability": 0.2}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:1: field 'probability' must be a number in \[0.5, 1\]"):
         import_jsonl(store, bad)
+
+
+def test_served_feedback_implies_pairs_worked_by_hand(store):
+    """Two responses to one prompt (choices 0/1 and 0), one to a conversation. By hand: thumbs make up > down,
+    except an answer with both an up and a down; mean ratings order answers (margin = difference); the preferred
+    choice beats the response's other choices; an edit beats what it edits."""
+    from hhh.feedback.store import StoreError
+
+    store.record_served("r1", "Q?", ["A", "B"], model="m", adapter=None, served_as="tiny")
+    store.record_served("r2", "Q?", ["C"], model="m", adapter="runs/x/adapter", served_as="aligned")
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                    {"role": "user", "content": "And?"}]
+    store.record_served("r3", conversation, ["D", "E"], model="m", adapter=None, served_as="tiny")
+    give = store.add_served_feedback
+    give("r1", "thumbs", 1, choice=0)
+    give("r1", "thumbs", -1, choice=1)
+    give("r2", "thumbs", 1, choice=0)
+    give("r2", "thumbs", -1, choice=0)        # C is both up and down: no thumbs pair for it
+    give("r1", "rating", 4, choice=0)
+    give("r1", "rating", 2, choice=0)         # A's mean rating: 3
+    give("r2", "rating", 5, choice=0)         # C: 5 -> C over A by 2
+    give("r3", "preferred", 1)                # E over D
+    give("r3", "edit", "  F  ", choice=0)     # F (stripped) over D
+    pairs = {(p["chosen"], p["rejected"]): p for p in store.served_pairs()}
+    assert set(pairs) == {("A", "B"), ("C", "A"), ("E", "D"), ("F", "D")}
+    assert pairs[("C", "A")]["margin"] == 2.0 and pairs[("A", "B")]["margin"] is None
+    assert pairs[("E", "D")]["prompt"] == conversation  # a conversation comes back as its messages
+    assert pairs[("A", "B")]["prompt"] == "Q?"
+    assert {p["source"] for p in store.pairs()} >= {"served"} and store.pairs(source="human") == []
+    for args, message in ((("r9", "thumbs", 1), "no served response 'r9'"),
+                          (("r1", "thumbs", 1, 5), "has no choice 5 \\(it has 2\\)"),
+                          (("r1", "rating", 6), "rating must be an integer from 1 to 5"),
+                          (("r1", "edit", "  "), "non-empty"),
+                          (("r1", "shrug", 1), "feedback kind")):
+        with pytest.raises(StoreError, match=message):
+            give(*args[:3], **({"choice": args[3]} if len(args) > 3 else {}))
+    give("r1", "thumbs", 1, feedback_id="once")
+    with pytest.raises(StoreError, match="already saved") as refused:
+        give("r1", "thumbs", 1, feedback_id="once")
+    assert refused.value.status == 409 and store.counts()["served_feedback"] == 10

@@ -19,6 +19,7 @@ from hhh.config import (
     LabelServeConfig,
     RMConfig,
     RMEvalConfig,
+    ServeConfig,
     Settings,
     flag_fields,
     is_bool,
@@ -277,6 +278,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hhh.serve import serve
+
+    if args.model_arg:
+        args.model = args.model_arg
+    serve(_settings(args, ServeConfig))
+    return 0
+
+
 def cmd_optimize_report(args: argparse.Namespace) -> int:
     from hhh.optimize.report import rebuild
 
@@ -330,7 +340,7 @@ def _label_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True, help="JSONL file to write")
         p.add_argument("--format", choices=["pairs", "rankings"], default="pairs", help="line format")
         p.add_argument("--ties", action="store_true", help="include tied pairs (marked \"tie\": true)")
-        p.add_argument("--source", choices=["all", "human", "ai"], default="all", help="whose labels")
+        p.add_argument("--source", choices=["all", "human", "ai", "served"], default="all", help="whose labels")
 
 
 COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespace], int]]] = {
@@ -346,6 +356,8 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     "compress": ("quantize (torchao int8) and prune (magnitude, Wanda) a run's model; measure size, speed, fidelity "
                  "and whether the alignment survives", CompressConfig, cmd_compress),
     "optimize report": ("rebuild the table and plot of an hhh compress run", None, cmd_optimize_report),
+    "serve": ("serve a model and its adapters behind an OpenAI-compatible API (continuous batching); answers and "
+              "their users' feedback go to the preference store", ServeConfig, cmd_serve),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -398,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "cai":
             p.add_argument("stage", nargs="?", choices=["all", "sl", "rl"], default="all",
                            help="both stages (default), the supervised stage only, or the RL stage of a --resume'd run")
+        if name == "serve":
+            p.add_argument("model_arg", nargs="?", metavar="MODEL", help="base model spec (same as --model)")
         if name == "compare":
             p.add_argument("run_a", metavar="RUN_A", help="run folder (before)")
             p.add_argument("run_b", metavar="RUN_B", nargs="?", help="run folder (after)")

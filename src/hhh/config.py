@@ -300,10 +300,45 @@ class LabelServeConfig(Settings):
     overlap: int = Field(2, ge=1, description="labelers per prompt (>= 2 gives agreement statistics)")
 
 
+class ServeConfig(Settings):
+    model: str = Field(DEFAULT_MODEL, description="base model spec (a merged or compressed variant folder works too)")
+    adapter: list[str] = Field([], description="LoRA adapters served beside the base: PATH (named 'aligned') or "
+                                               "NAME=PATH, comma-separated; PATH a run folder or an adapter folder")
+    db: str = Field("feedback.db", description="preference store that keeps served answers and their feedback")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, lt=65536, description="port to listen on")
+    max_batch: int = Field(32, gt=0, le=1024, description="rows (choices) decoded together at most")
+    batch_wait_ms: float = Field(5.0, ge=0, le=1000, description="an idle server waits this long for more requests "
+                                                                 "before it starts a batch")
+    default_max_tokens: int = Field(256, gt=0, description="max_tokens of a request that gives none (capped by "
+                                                           "the context)")
+    max_tokens: int = Field(1024, gt=0, description="a request asking for more tokens is refused")
+    max_body_kb: int = Field(1024, gt=0, description="request bodies over this many KiB are refused (413)")
+    api_key_file: str | None = Field(None, description="file of API keys, one per line: every /v1 request needs "
+                                                        "'Authorization: Bearer KEY'")
+    device: str = Field("cpu", description="cpu, auto, cuda or cuda:N")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads (default: torch's choice)")
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_names(cls, value: list[str]) -> list[str]:
+        names = [a.partition("=")[0] if "=" in a else "aligned" for a in value]
+        for a, name in zip(value, names, strict=True):
+            if not name or not all(c.isalnum() or c in "-_.:" for c in name) or len(name) > 100:
+                raise ValueError(f"adapter {a!r}: a name is 1 to 100 letters, digits or - _ . :")
+            if "=" in a and not a.partition("=")[2]:
+                raise ValueError(f"adapter {a!r}: no path after '='")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must differ, got {names}")
+        return value
+
+
 class RMDataSettings(Settings):
     data: str = Field("feedback.db", description="pairs: JSONL file, hf:NAME[:SPLIT], or a preference store "
                                                  "(db:PATH_OR_URL, or a path ending in .db)")
-    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    data_source: typing.Literal["all", "human", "ai", "served"] = Field(
+        "all", description="from a store: whose labels (served: feedback on hhh serve answers)")
     labelers: list[str] = Field([], description="from a store: only the pairs of these labelers (comma-separated)")
     max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs (after leaving out ties, where they are)")
     max_length: int = Field(256, gt=8, description="tokens per (prompt, completion); longer inputs are truncated")
@@ -344,7 +379,8 @@ class DPOConfig(PolicyJobSettings):
     # data
     data: str | None = Field(None, description="pairs: JSONL, hf:NAME[:SPLIT] or a preference store (db:PATH); "
                                                "none: sample pairs from the model and rank them by the reward")
-    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    data_source: typing.Literal["all", "human", "ai", "served"] = Field(
+        "all", description="from a store: whose labels (served: feedback on hhh serve answers)")
     labelers: list[str] = Field([], description="from a store: only the pairs of these labelers (comma-separated)")
     max_pairs: int | None = Field(None, gt=0, description="use only the first N pairs")
     prompts: str = Field("redteam:train", description="prompts to build pairs on (when no data is given)")
@@ -394,7 +430,8 @@ class SFTConfig(PolicyJobSettings):
 
     data: str | None = Field(None, description="demonstrations: JSONL (prompt, response; or messages), "
                                                "hf:NAME[:SPLIT], or a preference store (db:PATH: top-ranked answers)")
-    data_source: typing.Literal["all", "human", "ai"] = Field("all", description="from a store: whose labels")
+    data_source: typing.Literal["all", "human", "ai", "served"] = Field(
+        "all", description="from a store: whose labels (served: feedback on hhh serve answers)")
     labelers: list[str] = Field([], description="from a store: only the rankings of these labelers (comma-separated)")
     max_examples: int | None = Field(None, gt=0, description="use only the first N demonstrations")
     max_response_tokens: int = Field(128, gt=1, description="response tokens trained on, EOS included (longer are cut)")

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -75,22 +76,28 @@ class EdgeGuard:
     not help here: another app on 127.0.0.1 at another port is same-site. A Bearer token is no ambient credential,
     so API calls that carry one are not checked for origin."""
 
-    def __init__(self, app) -> None:
-        self.app = app
+    def __init__(self, app, *, max_body: int = MAX_BODY, check_origin: bool = True,
+                 error_body: Callable[[int, str], dict] = lambda status, message: {"error": message}) -> None:
+        self.app, self.max_body, self.check_origin, self.error_body = app, max_body, check_origin, error_body
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not headers.get("content-length", "0").isdigit() or int(headers.get("content-length", "0")) > MAX_BODY:
-            return await _refuse(send, 413, f"request body over {MAX_BODY} bytes")
-        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE") and not headers.get("authorization", "").lower() \
-                .startswith("bearer "):
+        limit = self.max_body
+
+        async def refuse(status: int, message: str) -> None:
+            await _refuse(send, status, self.error_body(status, message))
+
+        if not headers.get("content-length", "0").isdigit() or int(headers.get("content-length", "0")) > limit:
+            return await refuse(413, f"request body over {limit} bytes")
+        if self.check_origin and scope["method"] in ("POST", "PUT", "PATCH", "DELETE") and \
+                not headers.get("authorization", "").lower().startswith("bearer "):
             origin = headers.get("origin") or _origin_of(headers.get("referer", ""))
             own = f"{scope.get('scheme', 'http')}://{headers.get('host', '')}"
             if origin != own:
-                return await _refuse(send, 403, f"cross-origin form post refused (origin {origin or 'missing'!r}, "
-                                                f"expected {own!r})")
+                return await refuse(403, f"cross-origin form post refused (origin {origin or 'missing'!r}, "
+                                         f"expected {own!r})")
         seen, refused = 0, False
 
         async def limited_receive():
@@ -99,9 +106,9 @@ class EdgeGuard:
             nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > MAX_BODY and not refused:
+            if seen > limit and not refused:
                 refused = True
-                await _refuse(send, 413, f"request body over {MAX_BODY} bytes")
+                await refuse(413, f"request body over {limit} bytes")
             return {"type": "http.disconnect"} if refused else message
 
         async def app_send(message):
@@ -118,8 +125,8 @@ def _origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.netloc}" if parts.scheme and parts.netloc else None
 
 
-async def _refuse(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+async def _refuse(send, status: int, error: dict) -> None:
+    body = json.dumps(error).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

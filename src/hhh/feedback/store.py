@@ -161,6 +161,40 @@ class Skip(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
 
 
+class Served(Base):
+    """One choice of a response that `hhh serve` answered: the completion it produced, under the response id the
+    client got."""
+
+    __tablename__ = "served"
+    __table_args__ = (UniqueConstraint("response_id", "choice"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    response_id: Mapped[str] = mapped_column(String(80), index=True)
+    choice: Mapped[int] = mapped_column(Integer)
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id"), index=True)
+    completion_id: Mapped[int] = mapped_column(ForeignKey("completions.id"))
+    served_as: Mapped[str] = mapped_column(String(300))          # the request's `model`: base or an adapter's name
+    user: Mapped[str | None] = mapped_column(String(200))        # the request's `user` field, if sent
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+class ServedFeedback(Base):
+    """A served answer judged by its user: thumbs (+1 / -1), a 1-5 rating, the preferred one of n choices, or an
+    edited better answer (a completion of its own, model "edit")."""
+
+    __tablename__ = "served_feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feedback_id: Mapped[str] = mapped_column(String(64), unique=True)  # client-made or ours; a resend is refused
+    served_id: Mapped[int] = mapped_column(ForeignKey("served.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))                      # thumbs, rating, preferred, edit
+    value: Mapped[float | None] = mapped_column(Float)                 # +1/-1, 1..5; None for preferred and edit
+    edit_completion_id: Mapped[int | None] = mapped_column(ForeignKey("completions.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=_now)
+
+
+FEEDBACK_KINDS = ("thumbs", "rating", "preferred", "edit")
+SERVED_CHAT = "served:chat"  # a served conversation of several messages: the prompt text is their JSON
+
+
 class StoreError(ValueError):
     """A request the store refuses (unknown prompt, duplicate submission...); str() is one line."""
 
@@ -529,8 +563,11 @@ class Store:
     def pairs(self, *, ties: bool = True, source: str = "all", labelers: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Preference pairs with texts: {prompt, chosen, rejected, tie, margin, labeler, source, ...}.
 
-        source: "human" (labelers and admins), "ai", or "all"; labelers: only these (by name), if given.
+        source: "human" (labelers and admins), "ai", "served" (feedback on `hhh serve` answers, see
+        served_pairs), or "all"; labelers: only these (by name), if given.
         """
+        if source == "served":
+            return [] if labelers and "served" not in labelers else self.served_pairs()
         with self.read() as s:
             q = (select(Pair, Ranking, Labeler).join(Ranking, Ranking.id == Pair.ranking_id)
                  .join(Labeler, Labeler.id == Ranking.labeler_id).order_by(Pair.id))
@@ -545,13 +582,144 @@ class Store:
             rows = s.execute(q).all()
             texts = dict(s.execute(select(Completion.id, Completion.text)).all())
             prompts = dict(s.execute(select(Prompt.id, Prompt.text)).all())
-        return [{"prompt": prompts[p.prompt_id], "chosen": texts[p.better_id], "rejected": texts[p.worse_id],
-                 "tie": p.tie, "margin": p.margin, "probability": p.probability, "labeler": lab.name, "source": "ai" if lab.role == "ai" else "human",
-                 "prompt_id": p.prompt_id, "chosen_id": p.better_id, "rejected_id": p.worse_id}
-                for p, _r, lab in rows]
+        labeled = [{"prompt": prompts[p.prompt_id], "chosen": texts[p.better_id], "rejected": texts[p.worse_id],
+                    "tie": p.tie, "margin": p.margin, "probability": p.probability, "labeler": lab.name,
+                    "source": "ai" if lab.role == "ai" else "human",
+                    "prompt_id": p.prompt_id, "chosen_id": p.better_id, "rejected_id": p.worse_id}
+                   for p, _r, lab in rows]
+        if source == "all" and (not labelers or "served" in labelers):
+            labeled += self.served_pairs()
+        return labeled
+
+    # --- served answers and their feedback (hhh serve) ----------------------------------------------
+
+    def record_served(self, response_id: str, prompt: str | list[dict[str, str]], texts: Sequence[str], *,
+                      model: str, adapter: str | None, served_as: str, user: str | None = None) -> list[int]:
+        """Keep a served response: its prompt (a string, or a conversation kept as JSON), each choice's text as a
+        completion, and which response id and choice it was. Returns the served rows' ids."""
+        import json
+
+        text, source = (prompt, "served") if isinstance(prompt, str) else (json.dumps(prompt), SERVED_CHAT)
+        for attempt in range(2):
+            try:
+                with self.write() as s:
+                    prompt_id = self.add_prompt(text, source, session=s)
+                    rows = []
+                    for choice, answer in enumerate(texts):
+                        completion = self.add_completion(prompt_id, answer, model=model, adapter=adapter, session=s)
+                        row = Served(response_id=response_id, choice=choice, prompt_id=prompt_id,
+                                     completion_id=completion, served_as=served_as, user=user)
+                        s.add(row)
+                        rows.append(row)
+                    s.flush()
+                    return [r.id for r in rows]
+            except IntegrityError:
+                if attempt:  # a concurrent writer added the same prompt or completion first: once more sees it
+                    raise StoreError(f"response {response_id!r} could not be recorded (conflict)", 409) from None
+        raise AssertionError("unreachable")
+
+    def add_served_feedback(self, response_id: str, kind: str, value: Any, *, choice: int = 0,
+                            feedback_id: str | None = None) -> dict[str, Any]:
+        """Store one judgement of a served response (see ServedFeedback); refused with a StoreError, changing
+        nothing: an unknown response or choice, a value of the wrong kind, a feedback id seen before."""
+        if kind not in FEEDBACK_KINDS:
+            raise StoreError(f"feedback kind must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        if kind == "thumbs" and value not in (1, -1):
+            raise StoreError("thumbs must be 1 (up) or -1 (down)")
+        if kind == "rating" and (isinstance(value, bool) or value not in (1, 2, 3, 4, 5)):
+            raise StoreError("rating must be an integer from 1 to 5")
+        if kind == "edit" and (not isinstance(value, str) or not value.strip()):
+            raise StoreError("an edit must be a non-empty text")
+        if kind == "preferred":
+            choice = value
+        feedback_id = feedback_id or secrets.token_hex(16)
+        with self.read() as s:  # everything that only reads is settled before the write lock
+            served = s.scalar(select(Served).where(Served.response_id == response_id, Served.choice == choice))
+            if served is None:
+                known = s.scalar(select(func.count()).select_from(Served).where(Served.response_id == response_id))
+                raise StoreError(f"no served response {response_id!r}" if not known else
+                                 f"response {response_id!r} has no choice {choice} (it has {known})", 404)
+        try:
+            with self.write() as s:
+                if s.scalar(select(ServedFeedback.id).where(ServedFeedback.feedback_id == feedback_id)) is not None:
+                    raise StoreError(f"duplicate feedback {feedback_id!r}: it was already saved", 409)
+                edit = None
+                if kind == "edit":
+                    edit = self.add_completion(served.prompt_id, value.strip(), model="edit", session=s)
+                row = ServedFeedback(feedback_id=feedback_id, served_id=served.id, kind=kind, edit_completion_id=edit,
+                                     value=float(value) if kind in ("thumbs", "rating") else None)
+                s.add(row)
+                s.flush()
+                return {"id": row.id, "feedback_id": feedback_id, "response_id": response_id, "choice": choice,
+                        "kind": kind}
+        except IntegrityError:
+            raise StoreError(f"duplicate feedback {feedback_id!r}: it was already saved", 409) from None
+
+    def served_feedback(self) -> list[dict[str, Any]]:
+        """Every feedback row with its response id, choice and completion; oldest first."""
+        with self.read() as s:
+            q = (select(ServedFeedback, Served).join(Served, Served.id == ServedFeedback.served_id)
+                 .order_by(ServedFeedback.id))
+            return [{"feedback_id": f.feedback_id, "response_id": r.response_id, "choice": r.choice,
+                     "kind": f.kind, "value": f.value, "completion_id": r.completion_id, "prompt_id": r.prompt_id,
+                     "edit_completion_id": f.edit_completion_id, "served_as": r.served_as}
+                    for f, r in s.execute(q)]
+
+    def served_pairs(self) -> list[dict[str, Any]]:
+        """Preference pairs implied by served feedback, in the shape of `pairs` (source "served"):
+        within a prompt, every thumbed-up answer over every thumbed-down one (answers with both are left out) and
+        a higher mean rating over a lower one (margin: the difference); the preferred choice over the response's
+        other choices; an edit over the answer it edits."""
+        import json
+        from collections import defaultdict
+
+        feedback = self.served_feedback()
+        with self.read() as s:
+            responses: dict[str, list[int]] = defaultdict(list)
+            wanted = {f["response_id"] for f in feedback if f["kind"] == "preferred"}
+            if wanted:
+                for r in s.scalars(select(Served).where(Served.response_id.in_(wanted)).order_by(Served.choice)):
+                    responses[r.response_id].append(r.completion_id)
+            texts = dict(s.execute(select(Completion.id, Completion.text)).all())
+            prompts = {i: (json.loads(t) if src == SERVED_CHAT else t)
+                       for i, t, src in s.execute(select(Prompt.id, Prompt.text, Prompt.source))}
+        thumbs: dict[int, dict[int, set[float]]] = defaultdict(lambda: defaultdict(set))
+        ratings: dict[int, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        found: dict[tuple[int, int], tuple[int, float | None]] = {}  # (better, worse) -> (prompt, margin)
+
+        def add(prompt_id: int, better: int, worse: int, margin: float | None = None) -> None:
+            if better != worse and (better, worse) not in found:
+                found[(better, worse)] = (prompt_id, margin)
+
+        for f in feedback:
+            if f["kind"] == "thumbs":
+                thumbs[f["prompt_id"]][f["completion_id"]].add(f["value"])
+            elif f["kind"] == "rating":
+                ratings[f["prompt_id"]][f["completion_id"]].append(f["value"])
+            elif f["kind"] == "preferred":
+                for other in responses[f["response_id"]]:
+                    add(f["prompt_id"], f["completion_id"], other)
+            else:
+                add(f["prompt_id"], f["edit_completion_id"], f["completion_id"])
+        for prompt_id, marks in thumbs.items():
+            ups = [c for c, v in marks.items() if v == {1.0}]
+            downs = [c for c, v in marks.items() if v == {-1.0}]
+            for up in ups:
+                for down in downs:
+                    add(prompt_id, up, down)
+        for prompt_id, given in ratings.items():
+            means = {c: sum(v) / len(v) for c, v in given.items()}
+            for a, ma in means.items():
+                for b, mb in means.items():
+                    if ma > mb:
+                        add(prompt_id, a, b, ma - mb)
+        return [{"prompt": prompts[p], "chosen": texts[b], "rejected": texts[w], "tie": False, "margin": m,
+                 "probability": None, "labeler": "served", "source": "served", "prompt_id": p, "chosen_id": b,
+                 "rejected_id": w} for (b, w), (p, m) in found.items()]
 
     def counts(self) -> dict[str, int]:
         with self.read() as s:
             return {name: s.scalar(select(func.count()).select_from(table)) or 0
                     for name, table in (("prompts", Prompt), ("completions", Completion), ("labelers", Labeler),
-                                        ("rankings", Ranking), ("pairs", Pair), ("skips", Skip))}
+                                        ("rankings", Ranking), ("pairs", Pair), ("skips", Skip),
+                                        ("served", Served), ("served_feedback", ServedFeedback))}

@@ -30,6 +30,12 @@ def embed(texts: Sequence[str], *, device: str = "cpu", batch_size: int = 64) ->
                                  show_progress_bar=False, convert_to_numpy=True)
 
 
+def count_tokens(texts: Sequence[str], *, device: str = "cpu") -> int:
+    """Tokens the embedder reads (after its truncation to the model's maximum length), for usage reports."""
+    model = _model(device)
+    return sum(min(len(ids), model.max_seq_length) for ids in model.tokenizer(list(texts))["input_ids"])
+
+
 def cosine(a: Sequence[str], b: Sequence[str], *, device: str = "cpu") -> np.ndarray:
     """(N,) cosine similarity of a[i] and b[i]."""
     if len(a) != len(b):

@@ -1,0 +1,174 @@
+"""hhh serve over HTTP, driven by the official `openai` client: chat and completions, streamed and not, logprobs,
+several choices, embeddings; OpenAI-shaped errors for bad requests; feedback into the preference store and the
+pairs it implies."""
+
+import json
+
+import httpx
+import pytest
+import torch
+
+from hhh.feedback.store import Store
+from tests.openai_server import Endpoint
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer, tmp_path_factory):
+    """A tiny model with a LoRA adapter 'aligned' beside the base 'tiny', answers kept in a fresh store."""
+    from peft import LoraConfig, get_peft_model
+
+    from hhh.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, layers=2, seed=0)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False), adapter_name="a0").eval()
+    store = Store(tmp_path_factory.mktemp("serve") / "served.db")
+    endpoint = Endpoint(peft, tokenizer, name="tiny", store=store, adapters={"aligned": "a0"}, max_tokens=64)
+    with endpoint as url:
+        yield url, store, endpoint
+
+
+@pytest.fixture
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[0], api_key="unused", max_retries=0)
+
+
+def test_models_chat_and_its_stream_agree(client, served):
+    assert [m.id for m in client.models.list().data] == ["tiny", "aligned"]
+    ask = dict(messages=[{"role": "user", "content": "How do I boil an egg?"}], max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(model="aligned", **ask)
+    again = client.chat.completions.create(model="aligned", **ask)
+    base = client.chat.completions.create(model="tiny", **ask)
+    assert plain.choices[0].message.content == again.choices[0].message.content  # greedy: deterministic
+    assert plain.choices[0].message.content != base.choices[0].message.content  # the adapter changes the answer
+    assert plain.id.startswith("chatcmpl-") and plain.choices[0].finish_reason in ("stop", "length")
+    from hhh.rollout import chat_prompt_ids
+
+    tok = served[2].engine.tokenizer
+    assert plain.usage.prompt_tokens == len(chat_prompt_ids(tok, ["How do I boil an egg?"])[0])
+    assert 1 <= plain.usage.completion_tokens <= 12
+    chunks = list(client.chat.completions.create(model="aligned", stream=True,
+                                                 stream_options={"include_usage": True}, **ask))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == \
+        [plain.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_n_seed_and_logprobs(client, served):
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Say a word."}], max_tokens=6, temperature=1.0,
+               n=3, seed=5, logprobs=True, top_logprobs=4)
+    first = client.chat.completions.create(**ask)
+    second = client.chat.completions.create(**ask)
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in second.choices]  # same seed, same texts
+    assert len(set(texts)) > 1 and [c.index for c in first.choices] == [0, 1, 2]
+    for choice in first.choices:
+        content = choice.logprobs.content
+        assert len(content) == sum(1 for _ in content) and all(len(t.top_logprobs) == 4 for t in content)
+        for t in content:  # the chosen token's log-prob is at most the best alternative's, all <= 0
+            assert t.logprob <= t.top_logprobs[0].logprob + 1e-6 and t.top_logprobs[0].logprob <= 0
+    assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)
+
+
+def test_completions_endpoint_several_prompts_and_legacy_logprobs(client):
+    out = client.completions.create(model="tiny", prompt=["Once upon a time", "The capital of France"],
+                                    max_tokens=5, temperature=0, logprobs=2)
+    assert [c.index for c in out.choices] == [0, 1] and out.object == "text_completion"
+    for c in out.choices:
+        assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == len(c.logprobs.top_logprobs)
+        assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
+    streamed = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                              stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+
+def test_embeddings_with_the_packaged_minilm(client):
+    out = client.embeddings.create(model="minilm", input=["How do I cook rice?", "Rice on the stove, how?",
+                                                          "The stock market fell."])
+    vectors = torch.tensor([d.embedding for d in out.data])
+    assert vectors.shape == (3, 384) and torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-4)
+    assert float(vectors[0] @ vectors[1]) > float(vectors[0] @ vectors[2]) + 0.2
+    plain = httpx.post(client.base_url.__str__().rstrip("/") + "/embeddings", timeout=30,
+                       json={"model": "minilm", "input": "How do I cook rice?", "encoding_format": "float"}).json()
+    assert plain["data"][0]["embedding"] == pytest.approx(vectors[0].tolist(), abs=1e-6)
+    assert plain["usage"]["prompt_tokens"] == 8  # [CLS] how do i cook rice ? [SEP]
+
+
+def errors(url: str, path: str, body, **kwargs) -> tuple[int, dict]:
+    r = httpx.post(url + path, **({"content": body} if isinstance(body, bytes) else {"json": body}), timeout=30,
+                   **kwargs)
+    return r.status_code, r.json()
+
+
+def test_bad_requests_get_openai_shaped_errors(served):
+    url = served[0]
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ({**chat, "temperature": "hot"}, 400, "temperature", None),
+        ({**chat, "max_tokens": 1.5}, 400, "max_tokens", None),
+        ({**chat, "messages": "hi"}, 400, "messages", None),
+        ({**chat, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role", None),
+        ({**chat, "n": 0}, 400, "n", None),
+        ({**chat, "model": "gpt-4"}, 404, "model", "model_not_found"),
+        ({**chat, "max_tokens": 65}, 400, "max_tokens", None),
+        ({**chat, "messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 8}, 400, "messages",
+         "context_length_exceeded"),
+        ({**chat, "top_logprobs": 3}, 400, "top_logprobs", None),
+        ({"model": "tiny"}, 400, "messages", None),
+    ]
+    for body, status, param, code in cases:
+        got, answer = errors(url, "/chat/completions", body)
+        assert got == status, (body, answer)
+        err = answer["error"]
+        assert err["param"] == param and err["code"] == code and err["type"], answer
+        assert "\n" not in err["message"] and "Traceback" not in err["message"]
+    got, answer = errors(url, "/chat/completions", b"{not json")
+    assert got == 400 and answer["error"]["type"] == "invalid_request_error"
+    got, answer = errors(url, "/chat/completions", json.dumps({**chat, "pad": "x" * (2 * 1024 * 1024)}).encode(),
+                         headers={"content-type": "application/json"})
+    assert got == 413 and "over" in answer["error"]["message"]
+
+
+def test_api_keys_are_required_when_set(tokenizer):
+    from hhh.models import tiny_causal_lm
+
+    with Endpoint(tiny_causal_lm(tokenizer, seed=0), tokenizer, key="k3y-of-test") as url:
+        got, answer = errors(url, "/chat/completions", {"model": "tiny", "messages": []})
+        assert got == 401 and answer["error"]["code"] == "invalid_api_key"
+        got, _ = errors(url, "/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
+                                                   "max_tokens": 2}, headers={"authorization": "Bearer k3y-of-test"})
+        assert got == 200
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200  # health needs no key
+
+
+def test_feedback_lands_in_the_store_and_becomes_pairs(client, served):
+    url, store, _ = served
+    prompt = "Which fruit is yellow?"
+    first = client.chat.completions.create(model="aligned", messages=[{"role": "user", "content": prompt}],
+                                           max_tokens=6, temperature=1.0, n=2, seed=11)
+    a, b = (c.message.content for c in first.choices)
+    assert a != b
+    post = lambda body: httpx.post(url + "/feedback", json=body, timeout=30)  # noqa: E731
+    assert post({"id": first.id, "choice": 0, "thumbs": 1}).status_code == 201
+    assert post({"id": first.id, "choice": 1, "thumbs": -1, "feedback_id": "fb-1"}).status_code == 201
+    again = post({"id": first.id, "choice": 1, "thumbs": -1, "feedback_id": "fb-1"})
+    assert again.status_code == 409 and "already saved" in again.json()["error"]["message"]
+    assert post({"id": first.id, "choice": 0, "rating": 5}).status_code == 201
+    assert post({"id": first.id, "preferred": 1}).status_code == 201
+    assert post({"id": first.id, "choice": 1, "edit": "Bananas are yellow."}).status_code == 201
+    for bad, status in (({"id": "chatcmpl-nope", "thumbs": 1}, 404), ({"id": first.id, "choice": 7, "thumbs": 1}, 404),
+                        ({"id": first.id, "thumbs": 2}, 400), ({"id": first.id}, 400),
+                        ({"id": first.id, "thumbs": 1, "rating": 3}, 400)):
+        r = post(bad)
+        assert r.status_code == status, (bad, r.text)
+    rows = store.served_feedback()
+    assert [(r["kind"], r["value"]) for r in rows if r["response_id"] == first.id] == [
+        ("thumbs", 1.0), ("thumbs", -1.0), ("rating", 5.0), ("preferred", None), ("edit", None)]
+    pairs = {(p["chosen"], p["rejected"]) for p in store.pairs(source="served") if p["prompt"] == prompt}
+    # thumbs: a over b; preferred: b over a; the edit over b (the rating alone, on one answer, implies nothing)
+    assert pairs == {(a, b), (b, a), ("Bananas are yellow.", b)}
+    assert all(p["source"] == "served" for p in store.pairs() if p["prompt"] == prompt)
