@@ -17,6 +17,9 @@ def free_port() -> int:
 
 
 class Server:
+    command = ("label", "serve")
+    health = "/healthz"
+
     def __init__(self, db, port: int | None = None, *extra: str) -> None:
         self.db, self.port, self.extra = str(db), port or free_port(), extra
         self.url = f"http://127.0.0.1:{self.port}"
@@ -24,18 +27,18 @@ class Server:
 
     def start(self) -> "Server":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hhh.cli", "label", "serve", "--db", self.db, "--port", str(self.port), *self.extra],
+            [sys.executable, "-m", "hhh.cli", *self.command, "--db", self.db, "--port", str(self.port), *self.extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        deadline = time.time() + 60
+        deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stdout.read()}")
             try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=1).status_code == 200:
                     return self
             except httpx.HTTPError:
                 time.sleep(0.1)
-        raise RuntimeError("server did not start in 60 s")
+        raise RuntimeError("server did not start in 120 s")
 
     def kill(self) -> None:
         """SIGKILL: no shutdown handlers, no flushing; what was committed must survive."""
@@ -50,3 +53,9 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+class ServeProcess(Server):
+    """A real `hhh serve` (a model spec and flags in `extra`): for the load, crash and browser tests."""
+    command = ("serve",)
+    health = "/health"

@@ -302,6 +302,8 @@ class LabelServeConfig(Settings):
 
 class ServeConfig(Settings):
     model: str = Field(DEFAULT_MODEL, description="base model spec (a merged or compressed variant folder works too)")
+    served_name: str | None = Field(None, description="the `model` name that picks the base model (default: "
+                                                      "the model spec)")
     adapter: list[str] = Field([], description="LoRA adapters served beside the base: PATH (named 'aligned') or "
                                                "NAME=PATH, comma-separated; PATH a run folder or an adapter folder")
     db: str = Field("feedback.db", description="preference store that keeps served answers and their feedback")

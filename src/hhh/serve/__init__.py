@@ -61,7 +61,7 @@ def build(config: ServeConfig, *, store=None):
     model.eval()
     engine = Engine(model, tokenizer, max_batch=config.max_batch, batch_wait=config.batch_wait_ms / 1000,
                     adapters=internal).start()
-    settings = Settings(base_name=config.model, adapters={n: str(p) for n, p in adapters.items()},
+    settings = Settings(base_name=config.served_name or config.model, adapters={n: str(p) for n, p in adapters.items()},
                         default_max_tokens=config.default_max_tokens, max_tokens=config.max_tokens,
                         max_body=config.max_body_kb * 1024, api_keys=keys, model_spec=config.model)
     return create_app(engine, settings, store=store), engine
@@ -73,7 +73,7 @@ def serve(config: ServeConfig) -> None:
     from hhh.feedback.app import is_loopback
 
     app, engine = build(config)
-    names = ", ".join([config.model, *app.state.settings.adapters])
+    names = ", ".join([app.state.settings.base_name, *app.state.settings.adapters])
     print(f"hhh serve: http://{config.host}:{config.port}/v1  models: {names}  (store: "
           f"{app.state.store.display_url})", flush=True)
     if not is_loopback(config.host):
