@@ -28,7 +28,10 @@ class Endpoint:
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
+    last: "Endpoint | None" = None  # the endpoint most recently entered (tests reach its engine's counters)
+
     def __enter__(self) -> str:
+        Endpoint.last = self
         self.engine.start()
         self.thread.start()
         deadline = time.time() + 30

@@ -172,3 +172,50 @@ def test_feedback_lands_in_the_store_and_becomes_pairs(client, served):
     # thumbs: a over b; preferred: b over a; the edit over b (the rating alone, on one answer, implies nothing)
     assert pairs == {(a, b), (b, a), ("Bananas are yellow.", b)}
     assert all(p["source"] == "served" for p in store.pairs() if p["prompt"] == prompt)
+
+
+def test_langchain_chat_model_invokes_streams_and_sends_tools(served, client):
+    """LangChain's ChatOpenAI pointed at the server: invoke, stream, and an agent-style call with tools bound
+    (accepted; this server answers in text, it does not call tools)."""
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    chat = ChatOpenAI(base_url=served[0], api_key="unused", model="aligned", max_tokens=8, temperature=0,
+                      max_retries=0)
+    answer = chat.invoke("How do I boil an egg?")
+    direct = client.chat.completions.create(model="aligned", max_tokens=8, temperature=0,
+                                            messages=[{"role": "user", "content": "How do I boil an egg?"}])
+    assert answer.content == direct.choices[0].message.content
+    assert answer.usage_metadata["output_tokens"] == direct.usage.completion_tokens
+    assert "".join(chunk.content for chunk in chat.stream("How do I boil an egg?")) == answer.content
+    with_tools = chat.bind_tools([weather]).invoke("What is the weather in Paris?")
+    assert isinstance(with_tools.content, str) and with_tools.tool_calls == []
+
+
+def test_a_client_that_goes_away_stops_its_generation(tokenizer):
+    import time
+
+    from hhh.models import tiny_causal_lm
+
+    model = tiny_causal_lm(tokenizer, seed=0)
+    # 10 ms per forward pass: 400 tokens take ~4 s, so both clients leave long before their answers could end
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    with Endpoint(model, tokenizer, max_tokens=480) as url:
+        engine = Endpoint.last.engine
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": 400,
+                "temperature": 1.0, "seed": 3}
+        with httpx.stream("POST", url + "/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first chunk arrived: generation is under way; now hang up
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up waiting
+            httpx.post(url + "/chat/completions", json=body, timeout=0.3)
+        deadline = time.time() + 20
+        while (engine.stats.cancelled < 2 or engine.running()) and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.stats.cancelled == 2 and engine.running() == 0
+        assert engine.stats.generated_tokens < 2 * 400  # neither ran to max_tokens

@@ -99,16 +99,8 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(500, "internal error (the server log has the details)"), status_code=500)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if key_hashes and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            digest = hashlib.sha256(given[7:].strip().encode()).digest() if given.lower().startswith("bearer ") \
-                else b""
-            if not any(hmac.compare_digest(digest, h) for h in key_hashes):
-                return JSONResponse(error_body(401, "missing or unknown API key (Authorization: Bearer KEY)",
-                                               code="invalid_api_key"), status_code=401)
-        return await call_next(request)
+    if key_hashes:
+        app.add_middleware(KeyGuard, key_hashes=key_hashes)
 
     def adapter_for(model: str) -> str | None:
         if model == settings.base_name:
@@ -159,13 +151,18 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         choices: list[dict[str, Any]] = [{"text": "", "tokens": [], "logprobs": [], "top": [], "finish_reason": None}
                    for _ in range(job.params.n)]
         open_choices = job.params.n
+        checked = time.monotonic()
         while open_choices:
             try:
                 event = await asyncio.wait_for(events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= 0.5:  # tokens may flow without a pause: look at the clock, not gaps
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     job.cancel()
-                    raise APIError(499, "client closed the request") from None
+                    raise APIError(499, "client closed the request")
+            if event is None:
                 continue
             c = choices[event.index]
             c["text"] += event.text
@@ -330,6 +327,25 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         return JSONResponse({"object": "feedback", **saved}, status_code=201)
 
     return app
+
+
+class KeyGuard:
+    """Pure ASGI middleware (a BaseHTTPMiddleware would hide a client's disconnect from the routes): every /v1
+    request needs `Authorization: Bearer KEY` with a known key, compared by hash in constant time."""
+
+    def __init__(self, app, *, key_hashes: list[bytes]) -> None:
+        self.app, self.key_hashes = app, key_hashes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            digest = hashlib.sha256(given[7:].strip().encode()).digest() if given.lower().startswith("bearer ") \
+                else b""
+            if not any(hmac.compare_digest(digest, h) for h in self.key_hashes):
+                response = JSONResponse(error_body(401, "missing or unknown API key (Authorization: Bearer KEY)",
+                                                   code="invalid_api_key"), status_code=401)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _vector(v, encoding: str) -> list[float] | str:

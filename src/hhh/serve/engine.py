@@ -123,6 +123,9 @@ class Engine:
         self.adapters = dict(adapters or {})
         self.peft = hasattr(model, "peft_config")
         self.context = _context_length(model)
+        from hhh.rollout import _cache_argument
+
+        self.cache_arg = _cache_argument(model)  # `cache` in transformers 5.2x, `past_key_values` before
         self.eos = tokenizer.eos_token_id
         self.stats = Stats()
         self._waiting: deque[Job] = deque()
@@ -242,7 +245,7 @@ class Engine:
         for job in new:
             self.stats.requests += 1
             self.stats.prompt_tokens += len(job.prompt_ids)
-        self._join(rows, out.past_key_values, mask, mask.sum(-1), out.logits[:, -1].float())
+        self._join(rows, out[self.cache_arg], mask, mask.sum(-1), out.logits[:, -1].float())
 
     def _join(self, rows: list[_Row], cache, mask: Tensor, next_pos: Tensor, logits: Tensor) -> None:
         if not self._rows:
@@ -291,8 +294,8 @@ class Engine:
         tokens = torch.tensor([row.ids[-1] for row in self._rows])[:, None]
         self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], 1)
         out = self.model(input_ids=tokens, attention_mask=self._mask, position_ids=self._next_pos[:, None],
-                         past_key_values=self._cache, use_cache=True, **self._adapter_args(self._rows))
-        self._cache, self._logits = out.past_key_values, out.logits[:, -1].float()
+                         use_cache=True, **{self.cache_arg: self._cache}, **self._adapter_args(self._rows))
+        self._cache, self._logits = out[self.cache_arg], out.logits[:, -1].float()
         self._next_pos = self._next_pos + 1
 
     def _pick(self, row: _Row, logits: Tensor, logp: Tensor) -> int:
