@@ -7,6 +7,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from hhh.feedback.store import Store
 from tests.feedback_server import ServeProcess
@@ -87,3 +88,45 @@ def test_command_line_errors_are_one_line(tiny_dir, tmp_path):
                                *args], capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_loop_serve_feedback_dpo_serve_the_new_adapter_beside_the_old(tiny_dir, tmp_path):
+    """What the README shows: users judge served answers, `hhh dpo` trains on that feedback, and the new adapter
+    is served beside the one that produced the answers."""
+    from openai import OpenAI
+
+    old = make_run(tiny_dir, tmp_path / "v1")
+    db = tmp_path / "served.db"
+    server = ServeProcess(db, None, "--model", tiny_dir, "--served-name", "tiny", "--adapter", f"v1={old}")
+    server.start()
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        for i in range(6):  # scripted users: of two answers, they prefer the shorter
+            out = client.chat.completions.create(model="v1", n=2, max_tokens=8, temperature=1.0, seed=i,
+                                                 messages=[{"role": "user", "content": f"Tell me about topic {i}."}])
+            lengths = [len(c.message.content) for c in out.choices]
+            r = httpx.post(server.url + "/v1/feedback", json={"id": out.id, "preferred": lengths.index(min(lengths))})
+            assert r.status_code == 201, r.text
+    finally:
+        server.stop()
+    proc = subprocess.run([sys.executable, "-m", "hhh.cli", "dpo", "--model", tiny_dir, "--data", f"db:{db}",
+                           "--data-source", "served", "--out", str(tmp_path / "v2"), "--max-new-tokens", "6",
+                           "--eval-max-prompts", "2", "--eval-samples", "2", "--batch-size", "3", "--epochs", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "v2" / "pairs.json").read_text())["pairs"] == 6
+    server = ServeProcess(db, None, "--model", tiny_dir, "--served-name", "tiny",
+                          "--adapter", f"v1={old},v2={tmp_path / 'v2'}")
+    server.start()
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "v1", "v2"]
+        first = {}
+        for name in ("tiny", "v1", "v2"):  # A/B: the same question to the base and both adapters
+            out = client.chat.completions.create(model=name, max_tokens=1, temperature=0, logprobs=True,
+                                                 top_logprobs=5, messages=[{"role": "user", "content": "Hello?"}])
+            first[name] = [t.logprob for t in out.choices[0].logprobs.content[0].top_logprobs]
+        assert first["v2"] != pytest.approx(first["tiny"], abs=1e-6)  # DPO moved the new adapter off the base
+        assert first["v2"] != pytest.approx(first["v1"], abs=1e-6)
+    finally:
+        server.stop()
