@@ -200,6 +200,18 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
 
     # --- routes ------------------------------------------------------------------------------------------
 
+    from pathlib import Path
+
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(__file__).resolve().parent / "static"
+    app.mount("/static", StaticFiles(directory=str(static)), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def chat_page() -> FileResponse:
+        return FileResponse(static / "chat.html")
+
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "running": engine.running(), "waiting": engine.waiting()}
