@@ -81,6 +81,7 @@ def main() -> None:
     prompts = load_prompts("benign:eval")
     model = "aligned" if args.adapter else args.model
     rows = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for batch in (32, 1):
         extra = ["--model", args.model, "--max-batch", str(batch), "--threads", "2"]
         if args.adapter:
