@@ -219,3 +219,40 @@ def test_a_client_that_goes_away_stops_its_generation(tokenizer):
             time.sleep(0.05)
         assert engine.stats.cancelled == 2 and engine.running() == 0
         assert engine.stats.generated_tokens < 2 * 400  # neither ran to max_tokens
+
+
+def test_label_export_reads_served_feedback(served, client, tmp_path):
+    from hhh.cli import main
+
+    url, store, _ = served
+    out = client.chat.completions.create(model="tiny", n=2, max_tokens=5, temperature=1.0, seed=21,
+                                         messages=[{"role": "user", "content": "Pick a number."}])
+    assert httpx.post(url + "/feedback", json={"id": out.id, "preferred": 1}).status_code == 201
+    target = tmp_path / "served.jsonl"
+    assert main(["label", "export", "--db", store.url.removeprefix("sqlite:///"), "--out", str(target),
+                 "--source", "served"]) == 0
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    mine = [r for r in rows if r["prompt"] == "Pick a number."]
+    assert mine == [{"prompt": "Pick a number.", "chosen": out.choices[1].message.content,
+                     "rejected": out.choices[0].message.content, "labeler": "served", "source": "served"}]
+
+
+@pytest.mark.slow
+def test_the_bundled_model_answers_the_openai_client(tokenizer):
+    """The real SmolLM2-135M-Instruct behind hhh serve: a greedy chat answer equals its own greedy generation."""
+    from openai import OpenAI
+
+    from hhh.models import DEFAULT_MODEL, load_causal_lm
+    from hhh.rollout import chat_prompt_ids
+
+    model = load_causal_lm(DEFAULT_MODEL, device="cpu")
+    with Endpoint(model, tokenizer, name=DEFAULT_MODEL) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+        out = client.chat.completions.create(model=DEFAULT_MODEL, max_tokens=24, temperature=0,
+                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
+    ids = torch.tensor([chat_prompt_ids(Endpoint.last.engine.tokenizer, ["What is the capital of France?"])[0]])
+    with torch.no_grad():
+        greedy = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24,
+                                do_sample=False)[0, ids.shape[1]:]
+    expected = tokenizer.decode(greedy[greedy != tokenizer.eos_token_id], skip_special_tokens=True)
+    assert out.choices[0].message.content == expected and "Paris" in expected
