@@ -106,17 +106,22 @@ def compressed(tiny_dir, tmp_path):
     AutoTokenizer.from_pretrained(local_path(DEFAULT_MODEL)).save_pretrained(tiny_dir)
     run = make_run(tiny_dir, tmp_path / "run")
     out = tmp_path / "compress"
-    args = ["compress", str(run), "--out", str(out), "--methods", "int8-weight,wanda,drop-layers,distill",
+    args = ["compress", str(run), "--out", str(out), "--methods", "int8-weight,wanda,wanda+lora,drop-layers,distill",
             "--max-prompts", "2", "--answer-prompts", "4", "--calibration-prompts", "4", "--samples-per-prompt", "1",
             "--speed-tokens", "4", "--max-new-tokens", "8", "--student-layers", "1", "--distill-examples", "2",
-            "--distill-steps", "3"]
+            "--distill-steps", "3", "--recover-steps", "2"]
     assert main(args) == 0
     return out
 
 
 def test_compress_writes_the_table_and_resumes_only_what_is_missing(compressed, capsys):
     rows = {r["name"]: r for r in json.loads((compressed / "table.json").read_text())["rows"]}
-    assert list(rows) == ["original", "int8-weight", "wanda", "drop-layers", "distill", "base (unaligned)"]
+    assert list(rows) == ["original", "int8-weight", "wanda", "wanda+lora", "drop-layers", "distill",
+                          "base (unaligned)"]
+    recovered = json.loads((compressed / "variants" / "wanda+lora" / "hhh_provenance.json").read_text())
+    assert len(recovered["recover_loss"]) == 2 and recovered["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert rows["wanda+lora"]["nonzero_parameters"] == rows["wanda"]["nonzero_parameters"]  # no zero refilled
+    assert rows["wanda+lora"]["kl_to_original"] != rows["wanda"]["kl_to_original"]  # the fine-tune changed it
     original = rows["original"]
     assert original["kl_to_original"] == pytest.approx(0, abs=1e-6) and original["top1_agreement"] == 1.0
     assert rows["wanda"]["nonzero_parameters"] < original["nonzero_parameters"]
@@ -262,3 +267,33 @@ def test_rebatch_keeps_every_row_and_trims_padding(tokenizer):
                                 parts[1].response_mask)
     assert torch.allclose(small, full[2:, :2], atol=1e-5)
     assert [len(p) for p in rebatch([wide, parts[1]], 3, limit=5)] == [3, 2]  # across batches, first `limit` rows
+
+
+def test_lora_recovery_after_pruning_lowers_kl_and_keeps_every_zero(tokenizer):
+    """Magnitude pruning at 70%, then a short LoRA fine-tune on the original's outputs, merged back: closer to the
+    original than the pruned model was, every pruned weight still exactly zero, and a plain model again."""
+    from hhh.models import tiny_causal_lm
+    from hhh.models.load import prepare_tokenizer
+    from hhh.optimize.distill import recover
+    from hhh.optimize.measure import fidelity, reference
+
+    teacher = tiny_causal_lm(tokenizer, layers=2, seed=0)
+    with torch.no_grad():
+        teacher.model.norm.weight.mul_(10.0)  # peaked enough that pruning costs something measurable
+    tok = prepare_tokenizer(tokenizer)
+    prompts = ["How do I cook rice?", "Name a colour.", "Say hello.", "What is two plus two?"]
+    data = reference(teacher, tok, prompts, max_new_tokens=8, seed=0, batch_size=2, logprobs=False).tokens
+    held_out = reference(teacher, tok, prompts, max_new_tokens=8, seed=0, batch_size=2)
+    student = type(teacher)(teacher.config)
+    student.load_state_dict(teacher.state_dict())
+    prune.magnitude(student.eval(), 0.7)
+    zeros = {name: layer.weight == 0 for name, layer in prune.prunable(student)}
+    before = fidelity(student, held_out)["kl_to_original"]
+    recovered, losses = recover(teacher, student, tok, data, steps=30, lr=3e-3, temperature=1.0, alpha=0.9)
+    after = fidelity(recovered, held_out)["kl_to_original"]
+    assert after < 0.8 * before, (before, after)  # measured: 0.313 -> 0.199 nats per token
+    assert losses[-1] < losses[0]
+    assert not hasattr(recovered, "peft_config") and type(recovered) is type(teacher)
+    for name, layer in prune.prunable(recovered):
+        assert bool((layer.weight[zeros[name]] == 0).all()), name
+    assert prune.sparsity_of(recovered) == pytest.approx(0.7, abs=0.001)

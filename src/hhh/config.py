@@ -552,7 +552,8 @@ class FrontierEvalSettings(EvalSettings):
                                                              "(one set)")
 
 
-CompressMethod = typing.Literal["int8-weight", "int8-dynamic", "magnitude", "wanda", "drop-layers", "distill"]
+CompressMethod = typing.Literal["int8-weight", "int8-dynamic", "magnitude", "wanda", "drop-layers", "distill",
+                                "magnitude+lora", "wanda+lora", "drop-layers+lora"]
 
 
 class CompressConfig(GenerationSettings):
@@ -561,7 +562,8 @@ class CompressConfig(GenerationSettings):
     methods: list[CompressMethod] = Field(
         ["int8-weight", "int8-dynamic", "magnitude", "wanda", "drop-layers", "distill"],
         description="variants to make: int8-weight, int8-dynamic (torchao), magnitude, wanda (unstructured pruning), "
-                    "drop-layers (structured), distill (the layer-dropped student trained on the original)")
+                    "drop-layers (structured), distill (the layer-dropped student trained on the original); "
+                    "magnitude+lora, wanda+lora, drop-layers+lora: then a short LoRA recovery fine-tune, merged")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="share of decoder weights pruned by magnitude and wanda")
     calibration: str = Field("benign:train", description="prompt set whose tokens calibrate Wanda")
     calibration_prompts: int = Field(64, gt=0, description="calibration prompts (with the model's own answers)")
@@ -577,6 +579,9 @@ class CompressConfig(GenerationSettings):
     distill_temperature: float = Field(2.0, gt=0, description="softmax temperature of the soft targets")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (KL) term; 1 - alpha on the "
                                                               "answer tokens' cross-entropy")
+    recover_steps: int = Field(32, gt=0, description="steps of the +lora recovery fine-tune (batches of 8 "
+                                                     "calibration answers, distillation loss towards the original)")
+    recover_lr: float = Field(1e-3, gt=0, description="learning rate of the +lora recovery fine-tune (LoRA r=8)")
     on_policy: bool = Field(False, description="distill on the student's own answers, scored by the teacher (GKD)")
     answers: str = Field("benign:eval", description="prompts whose answers by the original measure perplexity, KL "
                                                     "and top-1 agreement")

@@ -49,19 +49,21 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
 
     tokenizer = AutoTokenizer.from_pretrained(original)
     detail: dict[str, Any] = {}
+    base_method, _, recovery = method.partition("+")
+    teacher = None
     if method in TORCHAO:
         model = AutoModelForCausalLM.from_pretrained(original, quantization_config=_torchao_config(method),
                                                      device_map="cpu")
         detail = {"torchao": TORCHAO[method]}
     else:
         model = AutoModelForCausalLM.from_pretrained(original).eval()
-        if method == "magnitude":
+        if base_method == "magnitude":
             prune.magnitude(model, config.sparsity)
-        elif method == "wanda":
+        elif base_method == "wanda":
             prune.wanda(model, [(t.ids(), t.mask()) for t in calibration], config.sparsity)
-        if method in ("magnitude", "wanda"):
+        if base_method in ("magnitude", "wanda"):
             detail = {"sparsity_asked": config.sparsity, "sparsity": prune.sparsity_of(model)}
-        if method in ("drop-layers", "distill"):
+        if base_method in ("drop-layers", "distill"):
             if importance is None:
                 importance = importance_of(model, calibration or [], config, tokenizer.pad_token_id)
             keep = distill.keep_by_importance(importance, config.student_layers)
@@ -91,6 +93,20 @@ def make_variant(method: str, original: Path, out: Path, *, config: CompressConf
                                          progress=lambda step, loss: bar.update(task, completed=step,
                                                                                 description=f"distill {loss:.3f}"))
             detail["distill_loss"] = losses
+        if recovery:
+            if teacher is None:
+                teacher = AutoModelForCausalLM.from_pretrained(original).eval()
+            sampler = load_tokenizer(str(original))
+            if console:
+                console.print(f"{method}: LoRA recovery, {config.recover_steps} steps")
+            model, losses = distill.recover(teacher, model, sampler,
+                                            distill.rebatch(calibration, 8, pad_id=sampler.pad_token_id),
+                                            steps=config.recover_steps, lr=config.recover_lr,
+                                            temperature=config.distill_temperature, alpha=config.distill_alpha,
+                                            seed=config.seed)
+            detail.update(recover_loss=losses, recover_steps=config.recover_steps)
+            if base_method in ("magnitude", "wanda"):
+                detail["sparsity"] = prune.sparsity_of(model)
     return save_folder(model, tokenizer, out, provenance={"operation": f"compress:{method}", "base": str(original),
                                                           **detail})
 
@@ -187,9 +203,10 @@ def compress(config: CompressConfig | None = None, *, resume: str | None = None,
         folder = run.path / "variants" / method
         if not (rows_dir / f"{method}.json").is_file():
             start = time.perf_counter()  # the making of a variant includes the calibration it is the first to need
-            if method in ("wanda", "drop-layers", "distill") and calibration is None:
+            base_method, _, recovery = method.partition("+")
+            if (base_method in ("wanda", "drop-layers", "distill") or recovery) and calibration is None:
                 calibration = reference_of(model, tokenizer, calibration_prompts, config, keep_logprobs=False).tokens
-            if method in ("drop-layers", "distill") and importance is None:
+            if base_method in ("drop-layers", "distill") and importance is None:
                 console.print("layer importance: KL to the original with each decoder layer removed alone")
                 importance = importance_of(model, calibration or [], config, tokenizer.pad_token_id)
             if folder.exists() and not (folder / "hhh_provenance.json").is_file():

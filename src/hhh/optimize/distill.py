@@ -135,3 +135,24 @@ def distill(teacher, student, tokenizer, batches: Sequence[Tokens], *, steps: in
             progress(step + 1, losses[-1])
     student.eval()
     return losses
+
+
+def recover(teacher, student, tokenizer, batches: Sequence[Tokens], *, steps: int, lr: float = 5e-4,
+            temperature: float = 2.0, alpha: float = 0.5, lora=None, seed: int = 0,
+            progress: Callable[[int, float], None] | None = None):
+    """A short LoRA fine-tune of a pruned or layer-dropped `student` towards the `teacher`'s outputs on `batches`
+    (the distillation loss), merged back into its weights. Merging `W + (alpha/r) B A` would fill a pruned matrix
+    again; every weight that was exactly zero is set back to zero, so the sparsity is what pruning made it.
+    Returns (the plain merged model, the loss per step)."""
+    from hhh.models.load import LoraSettings, attach_lora
+    from hhh.optimize.prune import prunable
+
+    zeros = {name: layer.weight == 0 for name, layer in prunable(student)}
+    adapted = attach_lora(student, lora or LoraSettings(r=8, alpha=16), seed=seed)
+    losses = distill(teacher, adapted, tokenizer, batches, steps=steps, lr=lr, temperature=temperature,
+                     alpha=alpha, seed=seed, progress=progress)
+    merged = adapted.merge_and_unload()
+    with torch.no_grad():
+        for name, layer in prunable(merged):
+            layer.weight[zeros[name]] = 0.0
+    return merged.eval(), losses
