@@ -256,3 +256,25 @@ def test_the_bundled_model_answers_the_openai_client(tokenizer):
                                 do_sample=False)[0, ids.shape[1]:]
     expected = tokenizer.decode(greedy[greedy != tokenizer.eos_token_id], skip_special_tokens=True)
     assert out.choices[0].message.content == expected and "Paris" in expected
+
+
+def test_an_answer_the_store_cannot_keep_is_an_error_not_a_silent_success(tokenizer, tmp_path):
+    """The store loses its table (a real failure of a real SQLite store): a streamed answer ends with an error
+    event instead of [DONE], a plain one is a 500 in OpenAI's shape; the server keeps serving."""
+    from sqlalchemy import text
+
+    from hhh.models import tiny_causal_lm
+
+    store = Store(tmp_path / "broken.db")
+    with store.write() as s:
+        s.execute(text("DROP TABLE served_feedback"))
+        s.execute(text("DROP TABLE served"))
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    with Endpoint(tiny_causal_lm(tokenizer, seed=0), tokenizer, store=store) as url:
+        r = httpx.post(url + "/chat/completions", json=body, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "Traceback" not in r.text
+        with httpx.stream("POST", url + "/chat/completions", json={**body, "stream": True}, timeout=30) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] != "data: [DONE]" and "could not be recorded" in lines[-1]
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["status"] == "ok"

@@ -389,6 +389,17 @@ def _legacy_logprobs(tokenizer, c: dict, alternatives: int) -> dict:
             else None}
 
 
+async def _recorded(saving) -> bool:
+    """Await the store write of a streamed answer; False (logged) when it failed: the stream then ends with an
+    error event instead of [DONE], since feedback on that answer could not find it."""
+    try:
+        await saving
+        return True
+    except Exception:
+        log.exception("a served answer could not be recorded in the store")
+        return False
+
+
 def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
 
@@ -420,7 +431,9 @@ async def _chat_stream(job: Job, events: asyncio.Queue, response_id: str, body: 
                 open_choices -= 1
                 yield _sse({**head, "choices": [{"index": event.index, "delta": {}, "logprobs": None,
                                                  "finish_reason": _reason(event.finish_reason)}]})
-        await record(response_id, prompt, texts, params, body.user)
+        if not await _recorded(record(response_id, prompt, texts, params, body.user)):
+            yield _sse(error_body(500, "the answer could not be recorded (the server log has the details)"))
+            return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(len(ids), job.completion_tokens)})
         yield b"data: [DONE]\n\n"
@@ -447,8 +460,10 @@ async def _completion_stream(runs: list[tuple[Job, asyncio.Queue]], response_id:
                     open_choices -= 1
                 yield _sse({**head, "choices": [{"index": pi * body.n + event.index, "text": event.text,
                                                  "logprobs": None, "finish_reason": _reason(event.finish_reason)}]})
-            await record(response_id if len(prompts) == 1 else f"{response_id}-{pi}", prompts[pi], texts,
-                         job.params, body.user)
+            if not await _recorded(record(response_id if len(prompts) == 1 else f"{response_id}-{pi}", prompts[pi],
+                                          texts, job.params, body.user)):
+                yield _sse(error_body(500, "the answer could not be recorded (the server log has the details)"))
+                return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(sum(len(e) for e in encoded),
                                                                sum(j.completion_tokens for j, _ in runs))})
