@@ -404,6 +404,11 @@ def _sse(data: Any) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
 
 
+# the last event of a stream that cannot end well (instead of [DONE])
+GENERATION_FAILED = _sse(error_body(500, "generation failed (the server log has the details)"))
+NOT_RECORDED = _sse(error_body(500, "the answer could not be recorded (the server log has the details)"))
+
+
 async def _chat_stream(job: Job, events: asyncio.Queue, response_id: str, body: ChatRequest, ids: list[int],
                        prompt: Any, params: SamplingParams, record, token_logprobs, *,
                        created: int) -> AsyncIterator[bytes]:
@@ -418,7 +423,7 @@ async def _chat_stream(job: Job, events: asyncio.Queue, response_id: str, body: 
         while open_choices:
             event = await events.get()
             if event.finish_reason == "error":
-                yield _sse(error_body(500, "generation failed (the server log has the details)"))
+                yield GENERATION_FAILED
                 return
             texts[event.index] += event.text
             if event.text or event.finish_reason is None:
@@ -432,7 +437,7 @@ async def _chat_stream(job: Job, events: asyncio.Queue, response_id: str, body: 
                 yield _sse({**head, "choices": [{"index": event.index, "delta": {}, "logprobs": None,
                                                  "finish_reason": _reason(event.finish_reason)}]})
         if not await _recorded(record(response_id, prompt, texts, params, body.user)):
-            yield _sse(error_body(500, "the answer could not be recorded (the server log has the details)"))
+            yield NOT_RECORDED
             return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(len(ids), job.completion_tokens)})
@@ -453,7 +458,7 @@ async def _completion_stream(runs: list[tuple[Job, asyncio.Queue]], response_id:
             while open_choices:
                 event = await events.get()
                 if event.finish_reason == "error":
-                    yield _sse(error_body(500, "generation failed (the server log has the details)"))
+                    yield GENERATION_FAILED
                     return
                 texts[event.index] += event.text
                 if event.finish_reason is not None:
@@ -462,7 +467,7 @@ async def _completion_stream(runs: list[tuple[Job, asyncio.Queue]], response_id:
                                                  "logprobs": None, "finish_reason": _reason(event.finish_reason)}]})
             if not await _recorded(record(response_id if len(prompts) == 1 else f"{response_id}-{pi}", prompts[pi],
                                           texts, job.params, body.user)):
-                yield _sse(error_body(500, "the answer could not be recorded (the server log has the details)"))
+                yield NOT_RECORDED
                 return
         if body.stream_options is not None and body.stream_options.include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(sum(len(e) for e in encoded),
