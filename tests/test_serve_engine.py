@@ -193,3 +193,78 @@ def test_several_adapters_share_one_batch(sharp, tmp_path):
             assert c.tokens[0] == lp.argmax(-1).tolist(), name
     finally:
         engine.stop()
+
+
+def test_a_failing_step_ends_its_requests_with_error_once_and_the_engine_serves_on(sharp):
+    """A forward pass that raises (as an out-of-memory would) mid-generation: every choice of the running requests
+    gets exactly one final event, "error"; the next request is served normally."""
+    model, tok = sharp
+    fail = {"at": None, "calls": 0}
+
+    def hook(*_):
+        fail["calls"] += 1
+        if fail["at"] is not None and fail["calls"] == fail["at"]:
+            raise RuntimeError("injected failure")
+
+    handle = model.register_forward_pre_hook(hook)
+    engine = Engine(model, tok, max_batch=8, batch_wait=0).start()
+    try:
+        finals: list[tuple[str, int, str]] = []
+        lock = threading.Lock()
+
+        def collector(name: str, inner: Collector):
+            def call(e: Event) -> None:
+                if e.finish_reason is not None:
+                    with lock:
+                        finals.append((name, e.index, e.finish_reason))
+                inner(e)
+            return call
+
+        fail["calls"], fail["at"] = 0, 4  # the prefill, then a few decode steps, then the failure
+        a, b = Collector(2), Collector()
+        engine.submit(prompt_ids(tok, "Hi"), SamplingParams(max_tokens=50, n=2, temperature=1.0, seed=1),
+                      collector("a", a))
+        engine.submit(prompt_ids(tok, "Hello there"), SamplingParams(max_tokens=50, temperature=0), collector("b", b))
+        assert a.done.wait(60) and b.done.wait(60)
+        time.sleep(0.2)  # a second final event, if any, would arrive now
+        assert sorted(finals) == [("a", 0, "error"), ("a", 1, "error"), ("b", 0, "error")]
+        assert engine.stats.errors == 1 and engine.running() == 0
+        fail["at"] = None
+        after = Collector()
+        engine.submit(prompt_ids(tok, "Hi"), SamplingParams(max_tokens=5, temperature=0), after)
+        assert after.done.wait(60) and after.reason[0] in ("stop", "length") and after.tokens[0]
+    finally:
+        engine.stop()
+        handle.remove()
+
+
+def test_a_callback_that_raises_cancels_only_its_own_request(sharp):
+    """A consumer that fails on an event (its client is gone) must not end the batch for everyone: its request is
+    cancelled, the others finish once, normally."""
+    model, tok = sharp
+    engine = Engine(model, tok, max_batch=8, batch_wait=0).start()
+    try:
+        short, steady = Collector(), Collector()
+        finals: list[tuple[str, str]] = []
+
+        def tracked(name: str, inner: Collector):
+            def call(e: Event) -> None:
+                if e.finish_reason is not None:
+                    finals.append((name, e.finish_reason))
+                inner(e)
+            return call
+
+        def broken(e: Event) -> None:
+            raise ConnectionError("the consumer went away")
+
+        p = prompt_ids(tok, "Hi")
+        with engine._wake:  # all three join one batch: submitted while the engine waits for the lock
+            engine.submit(p, SamplingParams(max_tokens=1, temperature=0), tracked("short", short))
+            bad = engine.submit(p, SamplingParams(max_tokens=20, temperature=0), broken)
+            engine.submit(p, SamplingParams(max_tokens=6, temperature=0), tracked("steady", steady))
+        assert short.done.wait(60) and steady.done.wait(60)
+        time.sleep(0.2)
+        assert sorted(finals) == [("short", "length"), ("steady", "length")]
+        assert bad.cancelled and engine.stats.errors == 0 and engine.running() == 0
+    finally:
+        engine.stop()

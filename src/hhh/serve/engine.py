@@ -94,6 +94,7 @@ class _Row:
     top: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     sent_chars: int = 0   # characters of the decoded text already handed out
     sent_tokens: int = 0
+    closed: bool = False  # its final event was handed out
 
 
 @dataclass
@@ -209,7 +210,7 @@ class Engine:
             self._finish(row, "cancelled")
         for job in self._waiting:
             for i in range(job.params.n):
-                job.callback(Event(i, "", finish_reason="cancelled"))
+                self._deliver(job, Event(i, "", finish_reason="cancelled"))
 
     def _reset(self) -> None:
         self._rows, self._cache, self._mask, self._next_pos, self._logits = [], None, None, None, None
@@ -333,8 +334,8 @@ class Engine:
             text = text[:ready]
         delta = text[row.sent_chars:]
         span = slice(row.sent_tokens, len(row.ids))
-        row.job.callback(Event(row.index, delta, tuple(row.ids[span]), tuple(row.logprobs[span]),
-                               tuple(row.top[span]), reason))
+        self._deliver(row.job, Event(row.index, delta, tuple(row.ids[span]), tuple(row.logprobs[span]),
+                                     tuple(row.top[span]), reason))
         row.sent_chars, row.sent_tokens = len(text), len(row.ids)
         if reason is not None:
             self._close(row)
@@ -342,12 +343,26 @@ class Engine:
         return True
 
     def _finish(self, row: _Row, reason: str) -> None:
-        row.job.callback(Event(row.index, "", finish_reason=reason))
+        if row.closed:
+            return
+        self._deliver(row.job, Event(row.index, "", finish_reason=reason))
         if reason == "cancelled":
             self.stats.cancelled += 1
         self._close(row)
 
+    def _deliver(self, job: Job, event: Event) -> None:
+        """Hand an event to its consumer. One that raises (its client is gone) has its request cancelled; the rest
+        of the batch goes on."""
+        try:
+            job.callback(event)
+        except Exception:
+            log.warning("the consumer of %s failed on an event; its request is cancelled", job.id, exc_info=True)
+            job.cancel()
+
     def _close(self, row: _Row) -> None:
+        if row.closed:
+            return
+        row.closed = True
         row.job.open_choices -= 1
         if row.job.open_choices == 0:
             self.stats.finished += 1
