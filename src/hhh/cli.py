@@ -296,6 +296,39 @@ def cmd_optimize_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sandbox_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from hhh.apps.sandbox import Limits, SandboxUnavailable, run
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    limits = Limits(wall_seconds=args.wall_seconds, cpu_seconds=args.cpu_seconds, memory_mb=args.memory_mb,
+                    output_chars=args.output_chars)
+    try:
+        result = run(path.read_text(encoding="utf-8", errors="replace"), limits)
+    except SandboxUnavailable as e:
+        raise ValueError(str(e)) from None
+    if result.stdout:
+        print(result.stdout, end="" if result.stdout.endswith("\n") else "\n")
+    if result.answer is not None:
+        print(f"answer = {result.answer}")
+    if not result.ok:
+        print(result.error)
+        return 1
+    return 0
+
+
+def _sandbox_args(name: str, p: argparse.ArgumentParser) -> None:
+    if name == "sandbox run":
+        p.add_argument("file", metavar="FILE.py", help="Python file to run in the sandbox")
+        p.add_argument("--wall-seconds", type=float, default=10.0, help="wall-clock limit (default: 10)")
+        p.add_argument("--cpu-seconds", type=int, default=5, help="CPU time limit (default: 5)")
+        p.add_argument("--memory-mb", type=int, default=512, help="address-space limit in MB (default: 512)")
+        p.add_argument("--output-chars", type=int, default=65536, help="printed characters at most (default: 65536)")
+
+
 def _optimize_args(name: str, p: argparse.ArgumentParser) -> None:
     """Flags of merge and export (no config class: a source, an output and a few switches)."""
     if name == "merge":
@@ -358,6 +391,8 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
     "optimize report": ("rebuild the table and plot of an hhh compress run", None, cmd_optimize_report),
     "serve": ("serve a model and its adapters behind an OpenAI-compatible API (continuous batching); answers and "
               "their users' feedback go to the preference store", ServeConfig, cmd_serve),
+    "sandbox run": ("run a Python file in the PAL sandbox (no network, no files but its own folder, CPU, memory, "
+                    "time and output limits) and print its result, or why it was stopped", None, cmd_sandbox_run),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -392,7 +427,8 @@ def build_parser() -> argparse.ArgumentParser:
     groups: dict[str, argparse._SubParsersAction] = {}
     group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
                   "rm": "reward models trained on preference pairs",
-                  "optimize": "tables of compressed variants"}
+                  "optimize": "tables of compressed variants",
+                  "sandbox": "the sandbox that runs model-written code (PAL)"}
     for name, (help_text, cls, fn) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
@@ -402,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(command_name=name)
         _label_args(name, p)
         _optimize_args(name, p)
+        _sandbox_args(name, p)
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
