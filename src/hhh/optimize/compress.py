@@ -7,6 +7,9 @@
     #      int8-dynamic   torchao Int8DynamicActivationInt8WeightConfig (activations quantized on the fly)
     #      magnitude      unstructured, smallest |W| per matrix (hhh.optimize.prune)
     #      wanda          unstructured, smallest |W| * ||X|| per output row, calibrated on the original's answers
+    #      drop-layers    the layers whose removal alone changes the output least go (hhh.optimize.distill)
+    #      distill        that layer-dropped student trained on the original's answers (distillation loss)
+    #      NAME+lora      magnitude, wanda or drop-layers, then a short LoRA recovery fine-tune, merged, zeros kept
     # 4. the unaligned base, when the source has an adapter: the alignment every variant should keep
     # 5. the table: size, memory, speed, fidelity to the original, toxicity and refusals -> table.md/.json, plot
 
