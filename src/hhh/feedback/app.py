@@ -132,11 +132,12 @@ async def _refuse(send, status: int, error: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _one_line(err: RequestValidationError) -> str:
+def invalid_field(err: RequestValidationError) -> tuple[str, str]:
+    """(the first invalid field's dotted path, a one-line message naming it) of a refused request body."""
     e = err.errors()[0]
     where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"field {where!r}: {e['msg']}{more}"
+    return where, f"field {where!r}: {e['msg']}{more}"
 
 
 def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap: int = 2) -> FastAPI:
@@ -152,7 +153,7 @@ def create_app(db: str | Store, *, guideline: str | Path | None = None, overlap:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"error": _one_line(err)}, status_code=422)
+        return JSONResponse({"error": invalid_field(err)[1]}, status_code=422)
 
     @app.exception_handler(StoreError)
     async def _refused(request: Request, err: StoreError) -> JSONResponse:

@@ -68,7 +68,7 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
                embed: Callable[[list[str]], Any] | None = None) -> FastAPI:
     """The API over a started engine. `store`: a hhh.feedback.store.Store (None: no recording, /v1/feedback 503);
     `embed`: texts -> (N, D) array (None: the packaged MiniLM on first use)."""
-    from hhh.feedback.app import EdgeGuard
+    from hhh.feedback.app import EdgeGuard, invalid_field
 
     app = FastAPI(title="hhh serve", docs_url="/docs", openapi_url="/openapi.json")
     app.add_middleware(EdgeGuard, max_body=settings.max_body, check_origin=False,
@@ -85,10 +85,8 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
-        more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-        return JSONResponse(error_body(400, f"field {where!r}: {first['msg']}{more}", param=where), status_code=400)
+        where, message = invalid_field(err)
+        return JSONResponse(error_body(400, message, param=where), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, err: StarletteHTTPException) -> JSONResponse:

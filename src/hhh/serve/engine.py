@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from hhh.rollout import _cache_argument, context_length, left_pad, positions
+
 log = logging.getLogger("hhh.serve")
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -123,9 +125,7 @@ class Engine:
         self.max_batch, self.batch_wait = max_batch, batch_wait
         self.adapters = dict(adapters or {})
         self.peft = hasattr(model, "peft_config")
-        self.context = _context_length(model)
-        from hhh.rollout import _cache_argument
-
+        self.context = context_length(model)
         self.cache_arg = _cache_argument(model)  # `cache` in transformers 5.2x, `past_key_values` before
         self.eos = tokenizer.eos_token_id
         self.stats = Stats()
@@ -228,14 +228,8 @@ class Engine:
         if not new:
             return
         rows = [_Row(job, i, _generator(job.params.seed, i)) for job in new for i in range(job.params.n)]
-        prompts = [r.job.prompt_ids for r in rows]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = left_pad([r.job.prompt_ids for r in rows], self.tokenizer.pad_token_id or 0)
+        pos = positions(mask)
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **self._adapter_args(rows))
@@ -409,7 +403,3 @@ def _pad_left(x: Tensor, width: int, dim: int = -2) -> Tensor:
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
-
-def _context_length(model) -> int:
-    config = model.config
-    return int(getattr(config, "max_position_embeddings", None) or 2048)
