@@ -165,3 +165,35 @@ def test_hhh_sandbox_run_prints_the_result_or_one_line_why(tmp_path):
     done = subprocess.run([sys.executable, "-m", "hhh.cli", "sandbox", "run", str(tmp_path / "nope.py")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "nope.py" in done.stderr
+
+
+LIST_ROOT = OS + "answer = sorted(os['listdir']('/'))"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become an ordinary user")
+def test_an_ordinary_user_gets_the_same_walls(tmp_path):
+    """Run by a user without privileges (no setpriv, no process limit: bwrap's unprivileged user namespace). The
+    sandbox module needs only the standard library, so Debian's python3 runs it as `nobody` from a copy."""
+    import shutil as sh
+
+    from hhh.apps import sandbox
+
+    folder = Path("/tmp") / f"hhh-sandbox-user-{os.getpid()}"
+    folder.mkdir()
+    try:
+        sh.copy(sandbox.__file__, folder / "sandbox.py")
+        folder.chmod(0o755)
+        (folder / "sandbox.py").chmod(0o644)
+        script = (f"import sys; sys.path.insert(0, {str(folder)!r}); import sandbox, json\n"
+                  f"code = {LIST_ROOT!r}\n"
+                  "r = sandbox.run(code)\nloop = sandbox.run('while True: pass', sandbox.Limits(cpu_seconds=1))\n"
+                  "print(json.dumps([r.ok, r.answer, loop.stopped]))")
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
+                               "-c", script], capture_output=True, text=True, timeout=60, cwd="/tmp")
+        assert done.returncode == 0, done.stderr
+        import json
+
+        ok, answer, stopped = json.loads(done.stdout.strip().splitlines()[-1])
+        assert ok and "etc" not in answer and "work" not in answer and stopped == "cpu"
+    finally:
+        sh.rmtree(folder, ignore_errors=True)

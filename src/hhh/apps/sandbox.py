@@ -126,12 +126,16 @@ def available() -> str | None:
 
 
 def command(work: Path, runner: Path, limits: Limits, nonce: str) -> list[str]:
+    """As root: limits, then `nobody`, then the namespaces. As another user the code already runs unprivileged
+    (bwrap makes an unprivileged user namespace); there the process limit is left out, since it would count
+    every process of that user, not the sandbox's."""
     memory = limits.memory_mb * 1024 * 1024
+    root = os.geteuid() == 0
     return [
         "prlimit", f"--cpu={limits.cpu_seconds}", f"--as={memory}", f"--fsize={_file_cap(limits)}",
-        "--nofile=64", f"--nproc={limits.processes}", "--core=0", "--",
-        "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
-        "--bounding-set=-all", "--no-new-privs", "--",
+        "--nofile=64", *([f"--nproc={limits.processes}"] if root else []), "--core=0", "--",
+        *(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all",
+           "--bounding-set=-all", "--no-new-privs", "--"] if root else []),
         "bwrap", "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session", "--clearenv",
         "--setenv", "PATH", "/usr/bin", "--setenv", "PYTHONHASHSEED", "0",
         "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
@@ -154,7 +158,8 @@ def run(code: str, limits: Limits | None = None) -> Result:
         work.mkdir()
         (work / "main.py").write_text(code, encoding="utf-8")
         runner.write_text(RUNNER, encoding="utf-8")
-        os.chown(work, NOBODY, NOBODY) if os.geteuid() == 0 else None
+        if os.geteuid() == 0:
+            os.chown(work, NOBODY, NOBODY)  # the code runs as nobody: its folder must be its own
         for path in (root, runner, work / "main.py"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         start = time.monotonic()
