@@ -82,8 +82,11 @@ def test_completions_endpoint_several_prompts_and_legacy_logprobs(client):
         assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == len(c.logprobs.top_logprobs)
         assert all(len(top) <= 2 for top in c.logprobs.top_logprobs)
     streamed = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, temperature=0,
-                                              stream=True))
+                                              stream=True, logprobs=2))
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+    pieces = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert sum((p.token_logprobs for p in pieces), []) == pytest.approx(out.choices[0].logprobs.token_logprobs)
+    assert sum((p.tokens for p in pieces), []) == out.choices[0].logprobs.tokens
 
 
 def test_embeddings_with_the_packaged_minilm(client):

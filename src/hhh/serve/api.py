@@ -282,7 +282,9 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         response_id = f"cmpl-{uuid.uuid4().hex}"
         runs = [await run(request, ids, p) for ids, p in zip(encoded, checked, strict=True)]
         if body.stream:
-            return StreamingResponse(_completion_stream(runs, response_id, body, encoded, prompts, record,
+            legacy = (lambda part: _legacy_logprobs(tokenizer, part, alternatives)) if body.logprobs is not None \
+                else None
+            return StreamingResponse(_completion_stream(runs, response_id, body, encoded, prompts, record, legacy,
                                                         created=int(time.time())),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
@@ -446,8 +448,8 @@ async def _chat_stream(job: Job, events: asyncio.Queue, response_id: str, body: 
 
 
 async def _completion_stream(runs: list[tuple[Job, asyncio.Queue]], response_id: str, body: CompletionRequest,
-                             encoded: list[list[int]], prompts: list[str], record, *,
-                             created: int) -> AsyncIterator[bytes]:
+                             encoded: list[list[int]], prompts: list[str], record,
+                             legacy: Callable[[dict], dict] | None, *, created: int) -> AsyncIterator[bytes]:
     head = {"id": response_id, "object": "text_completion", "created": created, "model": body.model}
     try:
         for pi, (job, events) in enumerate(runs):
@@ -461,8 +463,11 @@ async def _completion_stream(runs: list[tuple[Job, asyncio.Queue]], response_id:
                 texts[event.index] += event.text
                 if event.finish_reason is not None:
                     open_choices -= 1
-                yield _sse({**head, "choices": [{"index": pi * body.n + event.index, "text": event.text,
-                                                 "logprobs": None, "finish_reason": _reason(event.finish_reason)}]})
+                part = {"tokens": event.tokens, "logprobs": event.logprobs, "top": event.top}
+                yield _sse({**head, "choices": [{
+                    "index": pi * body.n + event.index, "text": event.text,
+                    "logprobs": legacy(part) if legacy is not None and event.tokens else None,
+                    "finish_reason": _reason(event.finish_reason)}]})
             if not await _recorded(record(response_id if len(prompts) == 1 else f"{response_id}-{pi}", prompts[pi],
                                           texts, job.params, body.user)):
                 yield NOT_RECORDED
