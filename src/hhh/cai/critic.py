@@ -47,9 +47,33 @@ class LocalCritic:
 
         out: list[Generated] = []
         for i in range(0, len(conversations), self.batch_size):
+            if temperature == 0:
+                out += self._greedy(conversations[i:i + self.batch_size], max_new_tokens)
+                continue
             roll = sample(self.model, self.tokenizer, conversations[i:i + self.batch_size],
                           max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
             out += [Generated(t, bool(e)) for t, e in zip(roll.texts, roll.ended.tolist(), strict=True)]
+        return out
+
+    @torch.no_grad()
+    def _greedy(self, conversations: Sequence[Prompt], max_new_tokens: int) -> list[Generated]:
+        """Temperature 0: the argmax token at every step (transformers' generate, no sampling)."""
+        from hhh.rollout import chat_prompt_ids, context_length, left_pad
+
+        tok = self.tokenizer
+        seqs = chat_prompt_ids(tok, conversations)
+        for i, s in enumerate(seqs):
+            if len(s) + max_new_tokens > context_length(self.model):
+                raise ValueError(f"conversation {i} has {len(s)} tokens; with max_new_tokens={max_new_tokens} it "
+                                 f"exceeds the model context of {context_length(self.model)}")
+        ids, mask = left_pad(seqs, tok.pad_token_id, next(self.model.parameters()).device)
+        new = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)[:, ids.shape[1]:]
+        out = []
+        for row in new.tolist():
+            ended = tok.eos_token_id in row
+            row = row[:row.index(tok.eos_token_id)] if ended else row
+            out.append(Generated(tok.decode(row, skip_special_tokens=True).strip(), ended))
         return out
 
     @torch.no_grad()
