@@ -320,6 +320,217 @@ def cmd_sandbox_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def cmd_reason_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hhh.apps import chat_model
+    from hhh.apps.reasoning import check, evaluate, problems, table
+    from hhh.runs import seed_everything, versions
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    check(methods, args.k)
+    probs = problems(args.problems, seed=args.seed)  # bad counts and tasks fail before the model loads
+    out = Path(args.out)
+    if (out / "reasoning.json").exists():
+        raise FileExistsError(f"{out}: holds a reasoning.json already; choose another --out")
+    seed_everything(args.seed)
+    model = chat_model(args.model)
+    report = evaluate(model, probs, methods=methods, k=args.k, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      progress=lambda m: _progress(f"{m}: done ({len(probs)} problems)"))
+    report["settings"] = {key: getattr(args, key) for key in ("model", "problems", "seed", "k", "temperature",
+                                                               "max_new_tokens", "methods")}
+    report["versions"] = versions()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reasoning.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "reasoning.md").write_text(table(report) + "\n")
+    print(table(report))
+    print(f"answers and scores: {out / 'reasoning.json'}")
+    return 0
+
+
+def _agent_tools(args: argparse.Namespace):
+    from hhh.apps.tools import default_tools, load_tool
+
+    index = None
+    if args.index:
+        from hhh.apps.rag import Index
+
+        index = Index.load(args.index)
+    return [*default_tools(index), *(load_tool(t) for t in args.tool)]
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import datetime
+    from pathlib import Path
+
+    from hhh.apps import chat_model
+    from hhh.apps.react import run_agent, save_trace
+
+    tools = _agent_tools(args)  # bad tool specs and index folders fail before the model loads
+    trace = Path(args.trace) if args.trace else \
+        Path("runs") / f"agent-{datetime.datetime.now():%Y%m%d-%H%M%S}" / "trace.json"
+    model = chat_model(args.model)
+    if args.pal:
+        from hhh.apps.pal import solve
+
+        solved = solve(model, args.question, retries=args.retries, max_new_tokens=args.max_new_tokens,
+                       seed=args.seed)
+        for s in solved:
+            last = s.attempts[-1] if s.attempts else None
+            if last is not None and last.code:
+                print(f"```python\n{last.code}\n```")
+            print(f"answer = {s.answer}" if s.answer is not None else f"no answer: {s.error}")
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        import dataclasses
+        import json
+
+        trace.write_text(json.dumps({"mode": "pal", "model": args.model, "results": [dataclasses.asdict(s) for s in
+                                                                                      solved]}, indent=1) + "\n")
+        print(f"trace: {trace}")
+        return 0 if all(s.answer is not None for s in solved) else 1
+    results = run_agent(model, args.question, tools, max_steps=args.max_steps, parse_retries=args.retries,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    for r in results:
+        for e in r.trace:
+            if e.kind == "act":
+                print(f"[{e.step}] {e.tool}({e.input!r}) -> {e.observation}")
+            elif e.kind == "parse_error":
+                print(f"[{e.step}] unreadable reply ({e.observation})")
+        print(f"Final Answer: {r.answer}" if r.answer is not None else f"no answer ({r.stopped.replace('_', ' ')})")
+    save_trace(results, trace, mode="react", model=args.model, tools=[t.name for t in tools])
+    print(f"trace: {trace}")
+    return 0 if all(r.answer is not None for r in results) else 1
+
+
+def cmd_rag_index(args: argparse.Namespace) -> int:
+    from hhh.apps.rag import Index
+
+    _, update = Index.build(args.paths, args.index, size=args.chunk_size, overlap=args.chunk_overlap,
+                            rebuild=args.rebuild, progress=lambda n, total, f: _progress(f"[{n}/{total}] {f}"))
+    print(f"{args.index}: {update}")
+    return 0
+
+
+def cmd_rag_ask(args: argparse.Namespace) -> int:
+    import json
+
+    from hhh.apps import chat_model
+    from hhh.apps.rag import Index, ask
+
+    index = Index.load(args.index)
+    model = None if args.extractive else chat_model(args.model)
+    answer = ask(model, index, args.question, k=args.k, min_score=args.min_score, mmr=args.mmr,
+                 max_new_tokens=args.max_new_tokens, seed=args.seed)[0]
+    if args.json:
+        print(json.dumps(answer.to_dict(), indent=1))
+        return 0
+    print(answer.text)
+    if answer.found:
+        print("\nsources:")
+        for h in answer.hits:
+            mark = "*" if h.rank in answer.cited else " "
+            print(f" {mark}[{h.rank}] {h.chunk.citation} (similarity {h.score:.2f})")
+        if not answer.cited:
+            print("(the answer cites none of them)")
+    return 0
+
+
+def cmd_rag_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from hhh.apps import chat_model
+    from hhh.apps.rag import Index, evaluate, read_questions
+    from hhh.runs import versions
+
+    questions = read_questions(args.questions)
+    index = Index.load(args.index)
+    model = None if args.extractive else chat_model(args.model)
+    report = evaluate(model, index, questions, k=args.k, min_score=args.min_score, mmr=args.mmr, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens)
+    report["settings"] = {"questions": args.questions, "index": args.index, "seed": args.seed}
+    report["versions"] = versions()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    r, a = report["retrieval"], report["answers"]
+    print(f"retrieval ({r['n']} questions): recall@1 {r['recall@1']:.3f}  recall@5 {r['recall@5']:.3f}  "
+          f"MRR {r['mrr']:.3f}")
+    print(f"answers ({a['n']}): faithful {a['faithful']:.3f}  cite a source {a['cites']:.3f}  "
+          f"state the answer {a['correct']:.3f}  'I don't know' {a['idk_on_answerable']:.3f}; "
+          f"off-topic ({a['off_topic_n']}): 'I don't know' {a['idk_on_off_topic']:.3f}")
+    print(f"every answer: {out}")
+    return 0
+
+
+def _apps_args(name: str, p: argparse.ArgumentParser) -> None:
+    """Flags of the application commands (no config class)."""
+    from hhh.models.spec import DEFAULT_MODEL
+
+    if name in ("reason eval", "agent", "rag ask", "rag eval"):
+        p.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+                       help="model spec, run or adapter folder, or openai:MODEL@URL (default: the bundled model)")
+        p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    if name == "reason eval":
+        p.add_argument("--problems", type=int, default=200, help="problems, half gsm_symbolic and half "
+                                                                 "basic_arithmetic (default: 200)")
+        p.add_argument("--methods", default="direct,cot,sc,pal", help="comma-separated, of direct, cot, sc, pal "
+                                                                      "(default: all)")
+        p.add_argument("--k", type=int, default=5, help="self-consistency samples per problem (default: 5)")
+        p.add_argument("--temperature", type=float, default=0.7, help="self-consistency temperature (default: 0.7)")
+        p.add_argument("--max-new-tokens", type=int, default=128, help="chain-of-thought length (default: 128)")
+        p.add_argument("--out", required=True, metavar="DIR", help="folder for reasoning.json and reasoning.md")
+    if name == "agent":
+        p.add_argument("question", nargs="+", help="question(s); several run together")
+        p.add_argument("--pal", action="store_true", help="answer with one sandboxed program (PAL) instead of "
+                                                          "the ReAct tool loop")
+        p.add_argument("--index", metavar="DIR", help="RAG index: adds the search tool")
+        p.add_argument("--tool", action="append", default=[], metavar="MODULE:FUNCTION",
+                       help="a Python function with annotated arguments as a tool (repeatable)")
+        p.add_argument("--max-steps", type=int, default=8, help="model calls per question at most (default: 8)")
+        p.add_argument("--retries", type=int, default=2, help="unreadable replies (PAL: failed programs) shown "
+                                                              "back in a row before giving up (default: 2)")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="per model call (default: 256)")
+        p.add_argument("--trace", metavar="FILE.json", help="where the trace goes (default: runs/agent-TIME/)")
+    if name == "rag index":
+        p.add_argument("paths", nargs="+", metavar="PATH", help="files and folders (.md, .txt, .rst, .pdf)")
+        p.add_argument("--chunk-size", type=int, default=1000, help="characters per chunk (default: 1000)")
+        p.add_argument("--chunk-overlap", type=int, default=150, help="characters shared by neighbours (default: 150)")
+        p.add_argument("--rebuild", action="store_true", help="start the index over")
+    if name in ("rag index", "rag ask", "rag eval"):
+        p.add_argument("--index", default="rag-index", metavar="DIR", help="index folder (default: rag-index)")
+    if name in ("rag ask", "rag eval"):
+        from hhh.apps.rag import MIN_SCORE
+
+        p.add_argument("--k", type=int, default=3, help="sources given to the model (default: 3)")
+        p.add_argument("--min-score", type=float, default=MIN_SCORE,
+                       help=f"best similarity below which the answer is I don't know (default: {MIN_SCORE})")
+        p.add_argument("--mmr", action="store_true", help="re-rank by maximal marginal relevance")
+        p.add_argument("--max-new-tokens", type=int, default=160, help="answer length (default: 160)")
+        p.add_argument("--extractive", action="store_true", help="no language model: answer with the sources' "
+                                                                 "sentence closest to the question, cited")
+    if name == "rag ask":
+        p.add_argument("question", help="the question")
+        p.add_argument("--json", action="store_true", help="print the answer, its citations and sources as JSON")
+    if name == "rag eval":
+        p.add_argument("--questions", default=str(_rag_questions()), metavar="FILE.jsonl",
+                       help="question set (default: hhh's own, over its README and docs)")
+        p.add_argument("--out", default="rag-eval.json", metavar="FILE.json", help="report (default: rag-eval.json)")
+
+
+def _rag_questions():
+    from importlib.resources import files
+
+    return files("hhh.data") / "files" / "rag_questions.jsonl"
+
+
 def _sandbox_args(name: str, p: argparse.ArgumentParser) -> None:
     if name == "sandbox run":
         p.add_argument("file", metavar="FILE.py", help="Python file to run in the sandbox")
@@ -393,6 +604,15 @@ COMMANDS: dict[str, tuple[str, type[Settings] | None, Callable[[argparse.Namespa
               "their users' feedback go to the preference store", ServeConfig, cmd_serve),
     "sandbox run": ("run a Python file in the PAL sandbox (no network, no files but its own folder, CPU, memory, "
                     "time and output limits) and print its result, or why it was stopped", None, cmd_sandbox_run),
+    "reason eval": ("accuracy of direct answers, chain-of-thought, self-consistency and PAL on arithmetic word "
+                    "problems (reasoning-gym), with 95% intervals", None, cmd_reason_eval),
+    "agent": ("answer questions with a ReAct tool loop (calculator, sandboxed python, RAG search, your "
+              "functions), or with a sandboxed program (--pal); the trace is saved", None, cmd_agent),
+    "rag index": ("index text, markdown and PDF files for retrieval (MiniLM embeddings, FAISS); only new and "
+                  "changed files are embedded again", None, cmd_rag_index),
+    "rag ask": ("answer a question from the index, citing file and section (or: I don't know)", None, cmd_rag_ask),
+    "rag eval": ("retrieval recall@1/@5 and MRR, answer faithfulness and 'I don't know' on a question set", None,
+                 cmd_rag_eval),
     "compare": ("print the before/after table of two runs (or of one training run)", None, cmd_compare),
     "label generate": ("sample K completions per prompt from a model into the preference store",
                        LabelGenerateConfig, cmd_label_generate),
@@ -428,7 +648,9 @@ def build_parser() -> argparse.ArgumentParser:
     group_help = {"label": "human and AI feedback: generate, label in the browser, import/export",
                   "rm": "reward models trained on preference pairs",
                   "optimize": "tables of compressed variants",
-                  "sandbox": "the sandbox that runs model-written code (PAL)"}
+                  "sandbox": "the sandbox that runs model-written code (PAL)",
+                  "reason": "chain-of-thought, self-consistency and PAL, measured",
+                  "rag": "retrieval-augmented answers with citations"}
     for name, (help_text, cls, fn) in COMMANDS.items():
         group, _, leaf = name.rpartition(" ")
         if group and group not in groups:
@@ -439,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
         _label_args(name, p)
         _optimize_args(name, p)
         _sandbox_args(name, p)
+        _apps_args(name, p)
         if cls is not None:
             _add_settings(p, cls)
         p.set_defaults(fn=fn)
