@@ -150,3 +150,30 @@ def test_greedy_generation_is_the_argmax_path(tiny, tokenizer):
                 new.append(nxt)
         assert got.text == tokenizer.decode(new, skip_special_tokens=True).strip()
         assert got.ended == (len(new) < 6)
+
+
+def test_react_is_a_method_too():
+    """The ReAct loop on the same problems: its final answer is read like any other answer."""
+    probs = problems(2, seed=0)
+
+    class Agent:
+        name = "agent"
+
+        def generate(self, conversations, *, max_new_tokens, temperature, generator):
+            out = []
+            for conv in conversations:
+                if conv[-1]["content"].startswith("Observation:"):
+                    out.append(Generated(f"Thought: done\nFinal Answer: {conv[-1]['content'].split(': ')[1]}", True))
+                elif probs[0].question in conv[-1]["content"]:
+                    out.append(Generated(f"Thought: I know it\nAction: calculator\nAction Input: {probs[0].answer} "
+                                         "+ 0", True))
+                else:
+                    out.append(Generated("I give up", True))
+            return out
+
+    report = evaluate(Agent(), probs, methods=("react",))
+    row = report["scores"][0]
+    assert (row["method"], row["correct"], row["failed_extraction"]) == ("react", 1, 1)
+    assert report["records"][0]["react"]["trace"][0]["observation"] == probs[0].answer
+    assert report["records"][1]["react"]["stopped"] == "parse_errors"
+    assert "| ReAct (calculator, python) | 1/2 = 50.0%" in table(report)

@@ -480,8 +480,8 @@ def _apps_args(name: str, p: argparse.ArgumentParser) -> None:
     if name == "reason eval":
         p.add_argument("--problems", type=int, default=200, help="problems, half gsm_symbolic and half "
                                                                  "basic_arithmetic (default: 200)")
-        p.add_argument("--methods", default="direct,cot,sc,pal", help="comma-separated, of direct, cot, sc, pal "
-                                                                      "(default: all)")
+        p.add_argument("--methods", default="direct,cot,sc,pal", help="comma-separated, of direct, cot, sc, pal, react "
+                                                                      "(default: direct,cot,sc,pal)")
         p.add_argument("--k", type=int, default=5, help="self-consistency samples per problem (default: 5)")
         p.add_argument("--temperature", type=float, default=0.7, help="self-consistency temperature (default: 0.7)")
         p.add_argument("--max-new-tokens", type=int, default=128, help="chain-of-thought length (default: 128)")

@@ -4,6 +4,7 @@
     cot        few-shot chain-of-thought (Wei et al. 2022): worked steps, then "The answer is N." (greedy)
     sc         self-consistency (Wang et al. 2022): k chain-of-thought samples, the most common answer wins
     pal        the model writes a program, the sandbox runs it (hhh.apps.pal)
+    react      the ReAct loop with the calculator and the sandboxed python tool (hhh.apps.react); opt-in
 
 Problems come from reasoning-gym (offline generators with known answers and scorers): `gsm_symbolic` (GSM8K-style
 templates with fresh numbers) and `basic_arithmetic` (expressions), drawn with a fixed seed.
@@ -184,12 +185,15 @@ def _generate(model, conversations: Sequence[Prompt], *, max_new_tokens: int, te
 
 def check(methods: Sequence[str], k: int) -> None:
     """One-line errors for settings evaluate() cannot use (before a model is loaded)."""
-    unknown = set(methods) - {"direct", "cot", "sc", "pal"}
+    unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise ValueError(f"methods: unknown {', '.join(sorted(unknown)) or '(none given)'} "
-                         f"(known: direct, cot, sc, pal)")
+                         f"(known: {', '.join(METHODS)})")
     if "sc" in methods and k < 2:
         raise ValueError(f"k: self-consistency needs at least 2 samples, got {k}")
+
+
+METHODS = ("direct", "cot", "sc", "pal", "react")
 
 
 def evaluate(model, probs: Sequence[Problem], *, methods: Sequence[str] = ("direct", "cot", "sc", "pal"),
@@ -238,6 +242,15 @@ def evaluate(model, probs: Sequence[Problem], *, methods: Sequence[str] = ("dire
             r["pal_code"] = done.attempts[-1].code if done.attempts else ""
             r["pal_error"] = done.error
         note("pal")
+    if "react" in methods:
+        from hhh.apps.react import run_agent
+        from hhh.apps.tools import default_tools
+
+        results = run_agent(model, questions, default_tools(), seed=seed)
+        predictions["react"] = [None if r.answer is None else extract_answer(r.answer) for r in results]
+        for r, res in zip(records, results, strict=True):
+            r["react"] = res.to_dict()
+        note("react")
     scores = []
     for method in methods:
         preds = predictions[method]
@@ -258,7 +271,7 @@ def table(report: dict) -> str:
     """Markdown: one row per method, accuracy with its 95% interval and the extraction failure rate."""
     lines = ["| method | accuracy (95% CI) | no answer extracted |", "|---|---|---|"]
     names = {"direct": "direct", "cot": "chain-of-thought", "sc": f"CoT + self-consistency (k={report['k']})",
-             "pal": "PAL (sandbox)"}
+             "pal": "PAL (sandbox)", "react": "ReAct (calculator, python)"}
     for s in report["scores"]:
         lo, hi = s["ci95"]
         lines.append(f"| {names[s['method']]} | {s['correct']}/{s['n']} = {s['accuracy']:.1%} "
