@@ -81,3 +81,15 @@ def test_the_bundled_model_writes_programs_the_sandbox_runs():
     assert all(s.attempts and s.attempts[0].code for s in got)
     assert all(a.result is not None for s in got for a in s.attempts)
     assert any(as_number(s.answer) is not None for s in got)
+
+
+@needs_sandbox
+def test_a_program_that_prints_its_result_instead_of_setting_answer_is_read_from_its_output():
+    model = Scripted({
+        "eggs": ["```python\ntotal = 7 * 12\nprint(f'There are {total:,} eggs.')\n```"],
+        "geese": ["```python\nprint('geese')\n```", "```python\nanswer = 4\n```"],
+    })
+    eggs, geese = solve(model, ["How many eggs?", "How many geese?"], retries=1)
+    assert (eggs.answer, eggs.from_stdout, len(eggs.attempts)) == ("84", True, 1)
+    assert (geese.answer, geese.from_stdout, len(geese.attempts)) == ("4", False, 2)  # nothing numeric: asked again
+    assert "did not set the variable answer" in model.seen[1][0][-1]["content"]

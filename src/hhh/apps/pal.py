@@ -68,8 +68,9 @@ class Attempt:
 @dataclass(frozen=True)
 class Solved:
     question: str
-    answer: str | None      # repr of `answer` from the last attempt that ran without error
+    answer: str | None      # repr of `answer` from the last attempt that ran without error (or what it printed)
     attempts: list[Attempt] = field(default_factory=list)
+    from_stdout: bool = False  # the program set no `answer`; the last number it printed is taken instead
 
     @property
     def error(self) -> str | None:
@@ -91,11 +92,12 @@ def feedback(attempt: Attempt) -> str:
 def solve(model, questions: Sequence[str], *, retries: int = 1, max_new_tokens: int = 256,
           temperature: float = 0.2, seed: int = 0, limits: Limits | None = None) -> list[Solved]:
     """Answer each question with a program; a failed program goes back to the model with its error, up to
-    `retries` times. `model`: anything with hhh.cai.critic's `generate(conversations, ...)`."""
+    `retries` times. A program that runs but sets no `answer` gives the last number it printed, if any. `model`: anything with hhh.cai.critic's `generate(conversations, ...)`."""
     generator = torch.Generator().manual_seed(seed)
     dialogs = [conversation(q) for q in questions]
     attempts: list[list[Attempt]] = [[] for _ in questions]
     answers: list[str | None] = [None] * len(questions)
+    printed_answer = [False] * len(questions)
     todo = list(range(len(questions)))
     for _ in range(retries + 1):
         if not todo:
@@ -110,11 +112,21 @@ def solve(model, questions: Sequence[str], *, retries: int = 1, max_new_tokens: 
             if attempt.result is not None and attempt.result.ok and attempt.result.answer is not None:
                 answers[i] = attempt.result.answer
                 continue
+            printed = last_number(attempt.result.stdout) if attempt.result is not None and attempt.result.ok else None
+            if printed is not None:  # small models print the result instead of assigning it: take what it printed
+                answers[i], printed_answer[i] = printed, True
+                continue
             dialogs[i] = dialogs[i] + [{"role": "assistant", "content": out.text},
                                        {"role": "user", "content": feedback(attempt)}]
             still.append(i)
         todo = still
-    return [Solved(q, a, t) for q, a, t in zip(questions, answers, attempts, strict=True)]
+    return [Solved(q, a, t, p) for q, a, t, p in zip(questions, answers, attempts, printed_answer, strict=True)]
+
+
+def last_number(text: str) -> str | None:
+    """The last number a program printed ('Total: 1,200 eggs' -> '1200'), or None."""
+    found = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text or "")
+    return found[-1].replace(",", "") if found else None
 
 
 def as_number(answer: str | None) -> float | None:

@@ -241,6 +241,7 @@ def evaluate(model, probs: Sequence[Problem], *, methods: Sequence[str] = ("dire
         for r, done in zip(records, solved, strict=True):
             r["pal_code"] = done.attempts[-1].code if done.attempts else ""
             r["pal_error"] = done.error
+            r["pal_from_stdout"] = done.from_stdout
         note("pal")
     if "react" in methods:
         from hhh.apps.react import run_agent
