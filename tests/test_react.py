@@ -26,6 +26,15 @@ def test_parser_reads_actions_and_final_answers():
     assert parse("Action: python(answer = 1)", TOOLS) == Act("", "python", "answer = 1")
     # a multi-line input (a program) is kept whole
     assert parse("Action: python\nAction Input: a = 2\nanswer = a * 3", TOOLS).input == "a = 2\nanswer = a * 3"
+    # an invented observation before the first field is skipped; the reply's own fields are read after it
+    assert parse("Observation: 2 * 6 = 12\nThought: go\nAction: calculator\nAction Input: 2 * 6\nObservation: 99",
+                 TOOLS) == Act("go", "calculator", "2 * 6")
+    # an arithmetic expression where the tool's name should be: the calculator on it (what small models write)
+    assert parse("Thought: I need 72 + 36 - 17.\nAction: 72 + 36 - 17 = 128\nFinal Answer: 128", TOOLS) == \
+        Act("I need 72 + 36 - 17.", "calculator", "72 + 36 - 17")
+    assert parse("Action: 12 * 6 = 64 days", TOOLS) == Act("", "calculator", "12 * 6")
+    with pytest.raises(ParseError, match="unknown tool '2 \\+ 2'"):
+        parse("Action: 2 + 2", ["python"])  # no calculator: nothing to read it as
     # the first of Action / Final Answer wins
     assert isinstance(parse("Final Answer: 4\nAction: calculator\nAction Input: 1", TOOLS), Finish)
     assert isinstance(parse("Action: calculator\nAction Input: 1\nFinal Answer: 4", TOOLS), Act)

@@ -7,8 +7,9 @@ until it writes a Final Answer.
     assistant  Thought: ... / Final Answer: 391
 
 A reply that cannot be read (no Action, an unknown tool, an Action without input) goes back to the model with the
-parse error, up to `parse_retries` times in a row; every model call counts towards `max_steps`. Anything the model
-writes after its first "Observation:" is its own invention and is dropped. Several questions run in lockstep, so a
+parse error, up to `parse_retries` times in a row; every model call counts towards `max_steps`. An "Observation:"
+the model writes itself is its own invention: it and what follows are dropped (one written before the reply's
+first field is skipped). Several questions run in lockstep, so a
 local model answers them in one batch per step. The trace (every reply, action, observation and error) is returned
 and can be saved as JSON.
 
@@ -73,9 +74,25 @@ class Finish:
     answer: str
 
 
+_OBSERVATION = re.compile(r"^[ \t]*\**[ \t]*Observation[ \t]*\**[ \t]*:", re.IGNORECASE | re.MULTILINE)
+_EXPRESSION = re.compile(r"^[\d\s.,+\-*/()%^]*\d[\d\s.,+\-*/()%^]*$")
+
+
+def own_part(text: str) -> str:
+    """The reply up to the first observation the model wrote itself after its first field: that observation and
+    everything after it are invented (one written before any field is dropped, the rest kept)."""
+    first = _FIELD.search(text)
+    if first is None:
+        return text.strip()
+    invented = _OBSERVATION.search(text, first.end())
+    return text[first.start():invented.start() if invented else len(text)].strip()
+
+
 def parse(text: str, tools: Sequence[str]) -> Act | Finish:
-    """One reply as an Act or a Finish; raises ParseError saying what is wrong."""
-    text = re.split(r"^\s*Observation\s*:", text, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE)[0]
+    """One reply as an Act or a Finish; raises ParseError saying what is wrong. Lenient where the intent is
+    plain: markdown around the field names, `Action: tool[input]`, and `Action: 12 * 7 = 84` (an arithmetic
+    expression where the tool's name should be) read as the calculator on `12 * 7`, when there is a calculator."""
+    text = own_part(text)
     fields: dict[str, str] = {}
     where: dict[str, int] = {}
     marks = list(_FIELD.finditer(text))
@@ -98,6 +115,9 @@ def parse(text: str, tools: Sequence[str]) -> Act | Finish:
     inline = _INLINE.match(name)
     if inline and inline.group(1) in tools:
         name, given = inline.group(1), given if given is not None else inline.group(2)
+    expression = name.split("=")[0].strip().rstrip(".")
+    if name not in tools and "calculator" in tools and _EXPRESSION.match(expression):
+        name, given = "calculator", expression
     if name not in tools:
         raise ParseError(f"unknown tool {name!r}; the tools are: {', '.join(tools)}")
     if given is None or not given.strip():
@@ -162,7 +182,7 @@ def run_agent(model, questions: Sequence[str], tools: Sequence[Tool], *, max_ste
         still = []
         for i, reply in zip(live, replies, strict=True):
             text = reply.text
-            kept = re.split(r"^\s*Observation\s*:", text, maxsplit=1, flags=re.IGNORECASE | re.MULTILINE)[0].strip()
+            kept = own_part(text)
             try:
                 move = parse(text, names)
             except ParseError as e:
