@@ -30,7 +30,7 @@ import numpy as np
 SUFFIXES = {".md", ".markdown", ".txt", ".rst", ".pdf"}
 EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 DIM = 384
-MIN_SCORE = 0.3   # cosine similarity below which nothing counts as relevant (measured: docs/rag.md)
+MIN_SCORE = 0.3   # cosine similarity below which nothing counts as relevant (set before measuring; README)
 I_DONT_KNOW = "I don't know"
 
 
@@ -386,7 +386,7 @@ def ask(model, index: Index, questions: str | Sequence[str], *, k: int = 3, min_
     out = []
     for i, q in enumerate(questions):
         if not relevant[i]:
-            best = f" (best match {found[i][0].score:.2f} < {min_score:.2f})" if found[i] else " (the index is empty)"
+            best = f" (best match {found[i][0].score:.3f} < {min_score:.3f})" if found[i] else " (the index is empty)"
             out.append(Answer(q, f"{I_DONT_KNOW}: nothing in the index is close enough to the question{best}.",
                               found[i], [], False))
             continue
