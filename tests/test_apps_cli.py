@@ -58,7 +58,7 @@ def test_rag_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "q.jsonl"
     bad.write_text("{broken\n")
     assert main(["rag", "eval", "--questions", str(bad), "--extractive", "--index", str(tmp_path)]) == 2
-    assert "q.jsonl line 1: not valid JSON" in capsys.readouterr().err
+    assert "q.jsonl:1: invalid JSON" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(available() is not None, reason=available() or "")

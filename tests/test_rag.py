@@ -209,10 +209,10 @@ def test_measures_by_hand(tmp_path):
 
 def test_question_files_are_validated(tmp_path):
     bad = tmp_path / "q.jsonl"
-    for text, message in [('{"question": "x"}\nnot json\n', "line 2: not valid JSON"),
-                          ('{"question": ""}\n', "line 1: field 'question' must be a non-empty string"),
-                          ('{"question": "x", "source": "README.md"}\n', "line 1: a question with a source needs"),
-                          ('{"question": "x", "source": 3}\n', "line 1: field 'source' must be a string or null")]:
+    for text, message in [('{"question": "x"}\nnot json\n', "q.jsonl:2: invalid JSON"), ("[1]\n", "expected a JSON object"),
+                          ('{"question": ""}\n', ":1: field 'question' must be a non-empty string"),
+                          ('{"question": "x", "source": "README.md"}\n', ":1: a question with a source needs"),
+                          ('{"question": "x", "source": 3}\n', ":1: field 'source' must be a string or null")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=message):
             read_questions(bad)

@@ -410,21 +410,17 @@ class Question:
 
 def read_questions(path: str | Path) -> list[Question]:
     """JSONL, one {"question", "source", "section", "answer"} per line (source null: an off-topic question)."""
+    from hhh.data import read_jsonl
+
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
-            raise ValueError(f"{path} line {n}: field 'question' must be a non-empty string")
+    for n, row in read_jsonl(path):
+        if not isinstance(row.get("question"), str) or not row["question"].strip():
+            raise ValueError(f"{path}:{n}: field 'question' must be a non-empty string")
         for key in ("source", "section", "answer"):
             if row.get(key) is not None and not isinstance(row[key], str):
-                raise ValueError(f"{path} line {n}: field {key!r} must be a string or null")
+                raise ValueError(f"{path}:{n}: field {key!r} must be a string or null")
         if row.get("source") is not None and not (row.get("section") and row.get("answer")):
-            raise ValueError(f"{path} line {n}: a question with a source needs 'section' and 'answer'")
+            raise ValueError(f"{path}:{n}: a question with a source needs 'section' and 'answer'")
         out.append(Question(row["question"], row.get("source"), row.get("section"), row.get("answer")))
     return out
 
