@@ -5,7 +5,10 @@ OpenAI-compatible endpoint."""
 
 from __future__ import annotations
 
-from hhh.cai.critic import Critic
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # `hhh --help` reads this package (rag's defaults) and must not import torch
+    from hhh.cai.critic import Critic
 
 
 def chat_model(spec: str, *, device: str = "auto", dtype: str = "float32", batch_size: int = 32) -> Critic:
