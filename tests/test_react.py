@@ -56,6 +56,7 @@ def test_parser_says_what_is_wrong(reply, message):
 def test_calculator():
     assert calculator("17 * 23") == "391"
     assert calculator("(1,200 - 200) / 8") == "125"
+    assert calculator("max(1, 2) + min(3,4)") == "5" and calculator("2,340 * 0.17") == "397.8"
     assert calculator("2^10") == "1024"
     assert calculator("sqrt(16) + pi * 0") == "4"
     assert calculator("7 / 2") == "3.5"

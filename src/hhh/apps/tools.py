@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,7 +163,8 @@ def _evaluate(node: ast.AST) -> Any:
 
 def calculator(expression: str) -> str:
     """Evaluate an arithmetic expression, e.g. 12 * (3 + 4) / 5 or sqrt(2)."""
-    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/").replace(",", "")
+    text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/")
+    text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # 1,200 -> 1200; max(1, 2) keeps its comma
     if len(text) > 500:
         raise ToolError("the expression is longer than 500 characters")
     try:
