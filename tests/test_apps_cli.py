@@ -68,6 +68,7 @@ def test_agent_saves_its_trace_and_says_why_it_stopped(tiny_dir, tmp_path, capsy
                  "--trace", str(trace)])
     saved = json.loads(trace.read_text())
     assert saved["mode"] == "react" and saved["tools"] == ["calculator", "python"]
+    assert saved["settings"]["max_steps"] == 2 and saved["settings"]["seed"] == 0 and "torch" in saved["versions"]
     result = saved["results"][0]
     assert code == (0 if result["answer"] is not None else 1)
     assert result["stopped"] in ("final", "step_limit", "parse_errors") and 1 <= len(result["trace"]) <= 2
@@ -77,6 +78,7 @@ def test_agent_saves_its_trace_and_says_why_it_stopped(tiny_dir, tmp_path, capsy
                  "--max-new-tokens", "8", "--trace", str(trace_pal)])
     pal = json.loads(trace_pal.read_text())
     assert pal["mode"] == "pal" and len(pal["results"][0]["attempts"]) == 1 and code in (0, 1)
+    assert pal["settings"]["pal"] is True and "torch" in pal["versions"]
 
 
 def test_agent_checks_its_tools_before_loading_a_model(tmp_path, capsys):

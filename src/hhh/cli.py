@@ -366,15 +366,20 @@ def _agent_tools(args: argparse.Namespace):
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    import dataclasses
     import datetime
+    import json
     from pathlib import Path
 
     from hhh.apps import chat_model
     from hhh.apps.react import run_agent, save_trace
+    from hhh.runs import versions
 
     tools = _agent_tools(args)  # bad tool specs and index folders fail before the model loads
     trace = Path(args.trace) if args.trace else \
         Path("runs") / f"agent-{datetime.datetime.now():%Y%m%d-%H%M%S}" / "trace.json"
+    settings = {key: getattr(args, key) for key in ("model", "seed", "pal", "index", "tool", "max_steps", "retries",
+                                                     "temperature", "max_new_tokens")}
     model = chat_model(args.model)
     if args.pal:
         from hhh.apps.pal import solve
@@ -387,11 +392,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
                 print(f"```python\n{last.code}\n```")
             print(f"answer = {s.answer}" if s.answer is not None else f"no answer: {s.error}")
         trace.parent.mkdir(parents=True, exist_ok=True)
-        import dataclasses
-        import json
-
-        trace.write_text(json.dumps({"mode": "pal", "model": args.model, "results": [dataclasses.asdict(s) for s in
-                                                                                      solved]}, indent=1) + "\n")
+        trace.write_text(json.dumps({"mode": "pal", "settings": settings, "versions": versions(),
+                                     "results": [dataclasses.asdict(s) for s in solved]}, indent=1) + "\n")
         print(f"trace: {trace}")
         return 0 if all(s.answer is not None for s in solved) else 1
     results = run_agent(model, args.question, tools, max_steps=args.max_steps, parse_retries=args.retries,
@@ -403,7 +405,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             elif e.kind == "parse_error":
                 print(f"[{e.step}] unreadable reply ({e.observation})")
         print(f"Final Answer: {r.answer}" if r.answer is not None else f"no answer ({r.stopped.replace('_', ' ')})")
-    save_trace(results, trace, mode="react", model=args.model, tools=[t.name for t in tools])
+    save_trace(results, trace, mode="react", settings=settings, versions=versions(), tools=[t.name for t in tools])
     print(f"trace: {trace}")
     return 0 if all(r.answer is not None for r in results) else 1
 
