@@ -96,6 +96,17 @@ def test_reason_eval_writes_its_report(tiny_dir, tmp_path, capsys):
     assert [s["method"] for s in report["scores"]] == ["direct", "cot", "sc"] and report["n"] == 2
     assert report["settings"]["k"] == 2 and len(report["records"][0]["sc_samples"]) == 2
     assert (out / "reasoning.md").read_text().startswith("| method | accuracy (95% CI) |")
+    # --seed moves the sampling only: the problems stay those of --problem-seed (default 0), so seeds compare
+    other = tmp_path / "seed1"
+    assert main(["reason", "eval", "--model", str(tiny_dir), "--problems", "2", "--methods", "direct",
+                 "--seed", "1", "--out", str(other)]) == 0
+    again = json.loads((other / "reasoning.json").read_text())
+    assert [r["question"] for r in again["records"]] == [r["question"] for r in report["records"]]
+    assert again["settings"]["seed"] == 1 and again["settings"]["problem_seed"] == 0
+    assert main(["reason", "eval", "--model", str(tiny_dir), "--problems", "2", "--methods", "direct",
+                 "--problem-seed", "1", "--out", str(tmp_path / "p1")]) == 0
+    moved = json.loads((tmp_path / "p1" / "reasoning.json").read_text())
+    assert [r["question"] for r in moved["records"]] != [r["question"] for r in report["records"]]
     assert main(["reason", "eval", "--model", str(tiny_dir), "--problems", "2", "--out", str(out)]) == 2
     assert "holds a reasoning.json already" in capsys.readouterr().err
     assert main(["reason", "eval", "--problems", "2", "--methods", "sc", "--k", "1", "--out", str(tmp_path / "x")]) == 2

@@ -334,7 +334,7 @@ def cmd_reason_eval(args: argparse.Namespace) -> int:
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     check(methods, args.k)
-    probs = problems(args.problems, seed=args.seed)  # bad counts and tasks fail before the model loads
+    probs = problems(args.problems, seed=args.problem_seed)  # bad counts and tasks fail before the model loads
     out = Path(args.out)
     if (out / "reasoning.json").exists():
         raise FileExistsError(f"{out}: holds a reasoning.json already; choose another --out")
@@ -343,8 +343,8 @@ def cmd_reason_eval(args: argparse.Namespace) -> int:
     report = evaluate(model, probs, methods=methods, k=args.k, temperature=args.temperature,
                       max_new_tokens=args.max_new_tokens, seed=args.seed,
                       progress=lambda m: _progress(f"{m}: done ({len(probs)} problems)"))
-    report["settings"] = {key: getattr(args, key) for key in ("model", "problems", "seed", "k", "temperature",
-                                                               "max_new_tokens", "methods")}
+    report["settings"] = {key: getattr(args, key) for key in ("model", "problems", "problem_seed", "seed", "k",
+                                                               "temperature", "max_new_tokens", "methods")}
     report["versions"] = versions()
     out.mkdir(parents=True, exist_ok=True)
     (out / "reasoning.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -482,6 +482,9 @@ def _apps_args(name: str, p: argparse.ArgumentParser) -> None:
     if name == "reason eval":
         p.add_argument("--problems", type=int, default=200, help="problems, half gsm_symbolic and half "
                                                                  "basic_arithmetic (default: 200)")
+        p.add_argument("--problem-seed", type=int, default=0,
+                       help="seed that draws the problems (default: 0); --seed moves only the sampling, so runs "
+                            "with different --seed answer the same problems")
         p.add_argument("--methods", default="direct,cot,sc,pal", help="comma-separated, of direct, cot, sc, pal, react "
                                                                       "(default: direct,cot,sc,pal)")
         p.add_argument("--k", type=int, default=5, help="self-consistency samples per problem (default: 5)")
