@@ -683,6 +683,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_process_unless_distributed(command: str) -> None:
+    """Under accelerate launch / torchrun only the jobs that split their work (hhh.distributed) may run: any other
+    command would run once per process, each writing the same files."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (command not in JOBS or JOBS[command].shares is None):
+        raise ValueError(f"runs on one process: start it without accelerate launch or torchrun (those run "
+                         f"{', '.join(sorted(c for c, j in JOBS.items() if j.shares is not None))})")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -691,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_torchao()
     args = build_parser().parse_args(argv)
     try:
+        _one_process_unless_distributed(args.command_name)
         return args.fn(args)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"hhh {args.command_name}: error: {e}", file=sys.stderr)

@@ -7,6 +7,9 @@
   5. write summary.json, report.html and the before/after table
 
 A new method is one file in hhh.train with a `train` function of that signature, plus one row in JOBS.
+
+Under `accelerate launch` (hhh.distributed) rank 0 makes the run folder, evaluates and writes the report; every
+rank trains its share.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ class Job:
     title: Callable[[Any], str]         # what the progress shows while it trains
     resumable: bool = True              # the trainer saves checkpoints and takes resume=True
     check: Callable[[Any], None] | None = None  # fail on bad data before a model loads
+    shares: Callable[[Any], dict[str, int]] | None = None  # several processes: the counts each rank takes an equal
+                                                            # part of; None: the trainer runs on one process only
 
     def train(self, config, run: RunDir, *, base, tokenizer, console, resume: bool = False):
         module, name = self.trainer.split(":")
@@ -52,20 +57,25 @@ def _sft_data(config: SFTConfig) -> None:
     load_demos(config.data, source=config.data_source, labelers=config.labelers, limit=config.max_examples)
 
 
+def _group_shares(config) -> dict[str, int]:
+    return {"prompts_per_step": config.prompts_per_step, "minibatch_size": config.minibatch_size}
+
+
 JOBS: dict[str, Job] = {
     "detox": Job("detox", "the main job: evaluate, PPO against toxicity with a KL penalty, evaluate again, report",
-                 DetoxConfig, "hhh.train.ppo:train", lambda c: "PPO"),
+                 DetoxConfig, "hhh.train.ppo:train", lambda c: "PPO",
+                 shares=lambda c: {"batch_size": c.batch_size, "minibatch_size": c.minibatch_size}),
     "dpo": Job("dpo", "offline preference tuning (DPO, cDPO, robust, IPO, hinge, SimPO, ORPO, KTO), evaluated "
                "before/after", DPOConfig, "hhh.train.dpo:train", lambda c: f"DPO ({c.loss})", resumable=False,
-               check=_dpo_data),
+               check=_dpo_data, shares=lambda c: {}),
     "sft": Job("sft", "supervised fine-tuning of a LoRA adapter on prompt -> response demonstrations (loss on the "
                "response only), evaluated before/after", SFTConfig, "hhh.train.sft:train", lambda c: "SFT",
                resumable=False, check=_sft_data),
     "grpo": Job("grpo", "GRPO: G samples per prompt, group-normalised advantages, clipped ratio, k3 KL in the loss",
-                GRPOConfig, "hhh.train.grpo:train", lambda c: "GRPO"),
+                GRPOConfig, "hhh.train.grpo:train", lambda c: "GRPO", shares=_group_shares),
     "rloo": Job("rloo", "RLOO: leave-one-out baseline, KL in the reward, REINFORCE with a clipped ratio (or "
                 "REINFORCE++)", RLOOConfig, "hhh.train.rloo:train",
-                lambda c: "REINFORCE++" if c.advantage == "reinforce++" else "RLOO"),
+                lambda c: "REINFORCE++" if c.advantage == "reinforce++" else "RLOO", shares=_group_shares),
 }
 
 
@@ -90,16 +100,45 @@ def reopen_run(cls: type[Settings], resume: str, console) -> tuple[Any, RunDir]:
 def open_run(job: Job, config, resume: str | None, console) -> tuple[Any, RunDir, bool]:
     """(config, run folder, whether a checkpoint is there to resume): a new run folder for `config`, or the
     config saved in the `resume` folder."""
+    from hhh import distributed as D
+
+    if D.launched() and job.shares is None:
+        raise ValueError(f"hhh {job.command} runs on one process: start it without accelerate launch or torchrun")
     if resume:
         if not job.resumable:
             raise ValueError(f"hhh {job.command} cannot resume (it saves no checkpoints)")
         config, run = reopen_run(job.config, resume, console)
+        if job.shares is not None:  # a run may resume on another number of processes
+            D.check_divisible(**job.shares(config))
         return config, run, (run.path / "checkpoints" / "last" / "state.json").is_file()
     config = config if config is not None else job.config()
     check_prompt_sets([config.prompts, *config.eval.prompts])
     if job.check is not None:
         job.check(config)
-    return config, RunDir.create(job.command, config, config.out), False
+    if job.shares is not None:
+        D.check_divisible(**job.shares(config))
+    return config, _new_run_folder(job.command, config), False
+
+
+def _new_run_folder(command: str, config) -> RunDir:
+    """RunDir.create; on several processes rank 0 makes it (or fails) and the others open the same folder."""
+    from hhh import distributed as D
+
+    if D.world().size == 1:
+        return RunDir.create(command, config, config.out)
+    made: RunDir | None = None
+    outcome: tuple[str, Any]
+    if D.world().main:
+        try:
+            made = RunDir.create(command, config, config.out)
+            outcome = ("path", str(made.path))
+        except Exception as e:  # every rank raises it
+            outcome = ("error", e)
+    received: tuple[str, Any] = D.broadcast(outcome if D.world().main else ("", None))
+    kind, value = received
+    if kind == "error":
+        raise value
+    return made if made is not None else RunDir(value)
 
 
 def run_job(command: str, config=None, *, resume: str | None = None, console=None) -> RunDir:
@@ -110,14 +149,19 @@ def run_job(command: str, config=None, *, resume: str | None = None, console=Non
     """
     from rich.console import Console
 
+    from hhh import distributed as D
+
     job = JOBS[command]
     console = console or Console()
+    if not D.world().main:  # rank 0 speaks for the run
+        console = Console(quiet=True)
     config, run, resuming = open_run(job, config, resume, console)
     with run.removed_on_error():  # a new run folder that fails before its first step is removed
         return _evaluate_train_evaluate(job, config, run, console, resuming)
 
 
 def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: bool) -> RunDir:
+    from hhh import distributed as D
     from hhh.evaluate import compare_table, evaluate
     from hhh.models import load_causal_lm, load_tokenizer
     from hhh.models.load import adapter_on
@@ -126,9 +170,12 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
 
     seed_everything(config.seed)
     tokenizer = load_tokenizer(config.model)
-    base = load_causal_lm(config.model, device=config.device, dtype=config.dtype)
-    # 2. before: the base model, or the adapter training starts from
-    if (run.path / "eval_before.json").is_file():
+    base = load_causal_lm(config.model, device=D.device(config.device), dtype=config.dtype)
+    main = D.world().main
+    # 2. before: the base model, or the adapter training starts from (rank 0 only)
+    if not main:
+        before = None
+    elif (run.path / "eval_before.json").is_file():
         before = run.read_json("eval_before.json")
     else:
         console.print("[bold]1/4 evaluating the model before training")
@@ -142,6 +189,8 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     if trained.stopped == "interrupted":
         console.print(f"[yellow]stopped early; continue with: hhh {job.command} --resume {run.path}")
         return run
+    if not main:
+        return run
     if trained.summary.get("best_step") is not None:
         console.print(f"best held-out checkpoint: step {trained.summary['best_step']} ({run.path / 'best'})")
     # 4. after
@@ -152,6 +201,7 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     # 5. report
     console.print("[bold]4/4 report")
     report = write_report(run)
+    assert before is not None
     console.print(compare_table(before, after, "before", "after"))
     console.print(f"report: {report}")
     return run

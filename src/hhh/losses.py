@@ -340,15 +340,17 @@ def global_whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
     return (x - x.mean()) / (x.std() + eps) if x.numel() > 1 else x - x.mean()
 
 
-def reinforce_pp_advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float, gamma: float = 1.0) -> Tensor:
+def reinforce_pp_advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float, gamma: float = 1.0, *,
+                            whiten: bool = True) -> Tensor:
     """REINFORCE++ [Hu25 eq. 8-10], token-level (B, T):
         A_t = r(x, y) - beta * sum_{i >= t} KL_i      (gamma = 1; in general the discounted return of the shaped
                                                        rewards -beta KL_i + r at the last token)
-    then whitened over every completion token of the batch (mean 0, std 1 across tokens, not sequences).
+    then whitened over every completion token of the batch (mean 0, std 1 across tokens, not sequences); with
+    whiten=False the returns as they are (whitened by the caller over a batch split across processes).
     `kl` (B, T) is the per-token KL estimate of pi_old against the reference (k1 in the paper)."""
     rewards = shaped_rewards(score, kl, mask, beta)
     returns, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma, lam=1.0)  # V = 0, lambda = 1: the return
-    return masked_whiten(returns, mask)
+    return masked_whiten(returns, mask) if whiten else returns * mask
 
 
 def grpo_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, *,

@@ -66,6 +66,7 @@ class RunDir:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "host": platform.node(),
                 "pid": os.getpid(),
+                "processes": int(os.environ.get("WORLD_SIZE", "1")),  # under accelerate launch / torchrun
                 "versions": versions(),
             },
         )

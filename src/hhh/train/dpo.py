@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hhh import distributed as D
 from hhh import losses as L
 from hhh import metrics as M
 from hhh.config import DPOConfig
@@ -38,17 +39,20 @@ NO_REFERENCE = ("simpo", "orpo")
 
 @dataclass(frozen=True)
 class Minibatch:
-    tokens: Tokens  # (2b rows): rows [0, b) are the prompts with their chosen completion, [b, 2b) the same prompts
-                    # with their rejected one; completion + EOS, right-padded
+    tokens: Tokens | None  # (2b rows): rows [0, b) are the prompts with their chosen completion, [b, 2b) the same
+                           # prompts with their rejected one; completion + EOS, right-padded. On several processes
+                           # this rank's pairs of the minibatch (None: none of them)
+    total: int  # the pairs of the whole minibatch, over every process
     mismatched: Tokens | None = None  # KTO: (2b rows), the prompt of row k with the completion of row k+1 mod 2b
     label_smoothing: Tensor | None = None  # (b,) sigmoid loss: per pair, 1 - P(chosen is better) of a soft label
 
     @property
     def pairs(self) -> int:
-        return len(self.tokens) // 2
+        return 0 if self.tokens is None else len(self.tokens) // 2
 
     def rows(self, pairs: slice) -> tuple[Tensor, Tokens]:
         """The row indices of `pairs` (their chosen rows, then their rejected rows) and those rows."""
+        assert self.tokens is not None
         b = self.pairs
         idx = torch.cat([torch.arange(b)[pairs], torch.arange(b)[pairs] + b])
         return idx, self.tokens[idx]
@@ -64,11 +68,14 @@ def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
     prompts = load_prompts(config.prompts, limit=config.pair_prompts)
     reward = build_reward(config.reward, device=config.device)
     rows = [p for p in prompts for _ in range(config.pair_samples)]
-    texts: list[str] = []
-    for i in range(0, len(rows), config.sample_batch_size):
+    done: list[tuple[int, list[str]]] = []
+    starts = range(0, len(rows), config.sample_batch_size)
+    for i in starts[D.world().rank::D.world().size]:  # processes share the batches; each batch keeps its own seed
         gen = step_generator(config.seed, i, next(model.parameters()).device)
-        texts += sample(model, tokenizer, rows[i:i + config.sample_batch_size], max_new_tokens=config.max_new_tokens,
-                        temperature=config.temperature, generator=gen).texts
+        done.append((i, sample(model, tokenizer, rows[i:i + config.sample_batch_size],
+                               max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                               generator=gen).texts))
+    texts = [t for _, part in sorted(D.gather_lists(done)) for t in part]
     scores = reward.score(rows, texts).view(len(prompts), config.pair_samples)
     out = Pairs([], [], [], [], [])
     for i, prompt in enumerate(prompts):
@@ -90,26 +97,37 @@ def _tokens(tokenizer, prompts: list[str], completions: list[str], max_tokens: i
 
 
 def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Minibatch]:
-    """A fixed partition of the pairs into minibatches (shuffled once by the seed)."""
+    """A fixed partition of the pairs into minibatches (shuffled once by the seed); on several processes each rank
+    tokenizes its consecutive share of every minibatch."""
     order = np.random.default_rng(config.seed).permutation(len(pairs)).tolist()
     out = []
     for i in range(0, len(order), config.batch_size):
-        b = pairs.take(order[i:i + config.batch_size])
+        ids = order[i:i + config.batch_size]
+        mine = D.shard_slice(len(ids))
+        b = pairs.take(ids[mine])
+        if not len(b):
+            out.append(Minibatch(None, len(ids)))
+            continue
         tokens = _tokens(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
         mismatched = None
         if config.loss == "kto":
             # KTO's reference point [Ethayarajh24 sec. 4.1]: each of the 2b examples (x_k, y_k), desirable and
             # undesirable alike, paired with the next example's completion y_{k+1 mod 2b}, an answer to another
             # prompt: log pi - log ref on those estimates KL(pi || ref) with no signal about x_k. (With b = 1 the
-            # rotation pairs x_0 with its own other answer; TRL's rotation has the same limit.)
-            completions = b.chosen + b.rejected
+            # rotation pairs x_0 with its own other answer; TRL's rotation has the same limit.) The rotation runs
+            # over the whole minibatch; this rank keeps the rows of its pairs.
+            every = pairs.take(ids)
+            completions = every.chosen + every.rejected
             shifted = completions[1:] + completions[:1]
-            mismatched = _tokens(tokenizer, b.prompts * 2, shifted, config.max_completion_tokens, device)
+            rows = list(range(len(ids)))[mine]
+            rows += [len(ids) + k for k in rows]
+            mismatched = _tokens(tokenizer, [(every.prompts * 2)[k] for k in rows], [shifted[k] for k in rows],
+                                 config.max_completion_tokens, device)
         smoothing = None
         if b.probability is not None:  # soft labels (AI feedback): cDPO with each pair's own flip probability
             smoothing = torch.tensor([config.label_smoothing if p is None else 1.0 - p for p in b.probability],
                                      device=device)
-        out.append(Minibatch(tokens, mismatched, smoothing))
+        out.append(Minibatch(tokens, len(ids), mismatched, smoothing))
     return out
 
 
@@ -180,14 +198,29 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     batches = minibatches(pairs, tokenizer, config, device)
     # 3. the frozen trunk of every minibatch and the reference log-probs, once
     t0 = time.time()
-    with policy.frozen_trunk(*(mb.tokens for mb in batches)):
-        refs = [sequence_logps(policy, mb.tokens, reference=True) for mb in batches]  # (sum, mean), (2b,) each
+    with policy.frozen_trunk(*(mb.tokens for mb in batches if mb.tokens is not None)):
+        refs = [sequence_logps(policy, mb.tokens, reference=True) if mb.tokens is not None else None
+                for mb in batches]  # (sum, mean), (2b,) each
         kto_refs = [sequence_logps(policy, mb.mismatched, reference=True)[0] if mb.mismatched is not None else None
                     for mb in batches]
         console.print(f"reference log-probs of {2 * len(pairs)} completions in {time.time() - t0:.0f} s")
         _epochs(config, run, policy, batches, refs, kto_refs, console)
-    policy.save(run.path / "adapter")
+    if D.world().main:
+        policy.save(run.path / "adapter")
+    D.barrier()
     return policy
+
+
+def _kto_reference_point(policy: Policy, mb: Minibatch, ref: Tensor | None) -> Tensor:
+    """KTO's z0 of a minibatch, over its mismatched rows on every process."""
+    with torch.no_grad():
+        pi = sequence_logps(policy, mb.mismatched)[0] if mb.mismatched is not None and ref is not None else None
+        if D.world().size == 1:
+            assert pi is not None and ref is not None
+            return L.kto_kl_baseline(pi, ref)
+        gap = pi - ref if pi is not None and ref is not None else torch.zeros(0)
+        s = D.total({"sum": float(gap.sum()), "n": float(gap.numel())})
+        return torch.tensor(s["sum"] / s["n"]).clamp(min=0)
 
 
 def _epochs(config: DPOConfig, run: RunDir, policy: Policy, batches: list[Minibatch], refs, kto_refs, console) -> None:
@@ -205,12 +238,10 @@ def _epochs(config: DPOConfig, run: RunDir, policy: Policy, batches: list[Miniba
             for j in np.random.default_rng([config.seed, epoch]).permutation(len(batches)).tolist():
                 t_step = time.time()
                 mb = batches[j]
-                kl = None
-                if mb.mismatched is not None:
-                    with torch.no_grad():
-                        kl = L.kto_kl_baseline(sequence_logps(policy, mb.mismatched)[0], kto_refs[j])
+                kl = _kto_reference_point(policy, mb, kto_refs[j]) if config.loss == "kto" else None
                 # 4. policy log-probs of chosen and rejected, the loss; micro-batches of pairs accumulate
-                #    gradients weighted by their share (every loss is a mean over pairs or rows)
+                #    gradients weighted by their share of the minibatch's pairs, over every process (every loss is
+                #    a mean over pairs or rows; gradients are averaged over the processes, hence the factor)
                 optimizer.zero_grad(set_to_none=True)
                 b, loss, parts = mb.pairs, 0.0, []
                 for i in range(0, b, config.micro_batch_size):
@@ -218,31 +249,40 @@ def _epochs(config: DPOConfig, run: RunDir, policy: Policy, batches: list[Miniba
                     idx, part = mb.rows(pairs_i)
                     s, m = sequence_logps(policy, part)
                     ref = None if config.loss in NO_REFERENCE else (refs[j][0][idx], refs[j][1][idx])
-                    share = (pairs_i.stop - pairs_i.start) / b
+                    share = (pairs_i.stop - pairs_i.start) / mb.total
                     smoothing = None if mb.label_smoothing is None else mb.label_smoothing[pairs_i]
                     micro_loss = preference_loss(config, (s, m), ref, kl, smoothing) * share
-                    micro_loss.backward()
+                    (micro_loss * D.world().size).backward()
                     loss += float(micro_loss.detach())
                     parts.append(s.detach().view(2, -1))  # (2, pairs in the micro-batch): its chosen, its rejected
-                s = torch.cat(parts, 1).reshape(-1)  # (2b,) chosen rows, then rejected, as in the minibatch
                 grad_norm = clip_and_step(policy.trainable_parameters(), optimizer, scheduler, config.max_grad_norm)
                 step += 1
-                # 5. log
-                chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()
-                rejected = config.beta * (s[b:] - refs[j][0][b:]).detach()
-                metrics = {"step": step, "epoch": epoch, M.LOSS_PREFERENCE: loss,
-                           M.IMPLICIT_CHOSEN: float(chosen.mean()), M.IMPLICIT_REJECTED: float(rejected.mean()),
-                           M.IMPLICIT_MARGIN: float((chosen - rejected).mean()),
-                           M.IMPLICIT_ACCURACY: float((chosen > rejected).float().mean()),
-                           M.LOGPS_CHOSEN: float(s[:b].detach().mean()), M.LOGPS_REJECTED: float(s[b:].detach().mean()),
+                # 5. log: sums over this rank's pairs, added up over the processes
+                sums = {"loss": loss, "chosen": 0.0, "rejected": 0.0, "right": 0.0, "logp_c": 0.0, "logp_r": 0.0}
+                if b:
+                    s = torch.cat(parts, 1).reshape(-1)  # (2b,) chosen rows, then rejected, as in the minibatch
+                    chosen = config.beta * (s[:b] - refs[j][0][:b]).detach()
+                    rejected = config.beta * (s[b:] - refs[j][0][b:]).detach()
+                    sums.update(chosen=float(chosen.sum()), rejected=float(rejected.sum()),
+                                right=float((chosen > rejected).sum()), logp_c=float(s[:b].sum()),
+                                logp_r=float(s[b:].sum()))
+                sums = D.total(sums)
+                n = mb.total
+                metrics = {"step": step, "epoch": epoch, M.LOSS_PREFERENCE: sums["loss"],
+                           M.IMPLICIT_CHOSEN: sums["chosen"] / n, M.IMPLICIT_REJECTED: sums["rejected"] / n,
+                           M.IMPLICIT_MARGIN: (sums["chosen"] - sums["rejected"]) / n,
+                           M.IMPLICIT_ACCURACY: sums["right"] / n,
+                           M.LOGPS_CHOSEN: sums["logp_c"] / n, M.LOGPS_REJECTED: sums["logp_r"] / n,
                            M.GRAD_NORM: float(grad_norm), M.LR: scheduler.get_last_lr()[0],
                            "time/step_s": time.time() - t_step}
                 if kl is not None:
                     metrics[M.KTO_KL] = float(kl)
-                run.log(metrics)
-                bar.update(task, completed=step, description=f"loss {loss:.3f}  margin "
+                if D.world().main:
+                    run.log(metrics)
+                bar.update(task, completed=step, description=f"loss {sums['loss']:.3f}  margin "
                            f"{metrics[M.IMPLICIT_MARGIN]:.3f}  acc {metrics[M.IMPLICIT_ACCURACY]:.2f}")
-                if stop.requested:
+                if D.any_rank(stop.requested):
+                    stop.requested = True
                     break
             if stop.requested:
                 console.print("stopped early (Ctrl-C): saving the adapter as it is")

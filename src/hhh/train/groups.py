@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hhh import distributed as D
 from hhh import losses as L
 from hhh import metrics as M
 from hhh.config import GroupSettings
@@ -90,13 +91,16 @@ def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, confi
                        M.ENTROPY: float(L.masked_mean(new.entropy, mask[i])) * share}
 
     return minibatch_updates(policy.trainable_parameters(), optimizer, scheduler, len(batch.tokens), epochs=epochs,
-                             minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+                             minibatch_size=config.minibatch_size // D.world().size, micro_batch_size=config.micro_batch_size,
                              max_grad_norm=config.max_grad_norm, generator=generator, micro_loss=micro_loss)
 
 
 def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, epochs: int,
                  advantages: Advantages, loss: Loss, base, tokenizer, console=None, resume: bool = False) -> Trained:
-    """Train a LoRA policy on `base` with a critic-free method given by its `advantages` and `loss`."""
+    """Train a LoRA policy on `base` with a critic-free method given by its `advantages` and `loss`.
+
+    On several processes (hhh.distributed) each rank samples, scores and updates on its share of the step's prompts
+    (whole groups) with its own sampling seed; gradients are averaged before each optimizer step."""
     from hhh.data import load_prompts
     from hhh.models.policy import build_policy
     from hhh.rewards import build_reward
@@ -117,10 +121,11 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
         for step in loop.steps():
             t0 = time.time()
             # 1. rollout: G samples per prompt, rows grouped by prompt
-            prompts = [p for p in step_prompts(train_prompts, config.prompts_per_step, step, config.seed)
+            prompts = [p for p in D.shard(step_prompts(train_prompts, config.prompts_per_step, step, config.seed))
                        for _ in range(config.group_size)]
             r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature, generator=step_generator(config.seed, step, device))
+                       temperature=config.temperature,
+                       generator=step_generator(config.seed, step, device, rank=D.world().rank))
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)
@@ -137,7 +142,8 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             # 6. log (and the shared tail)
             k3 = (L.kl_per_token(old_logp, ref_logp, "k3") * mask).sum(-1)
             abs_adv = adv.abs().mean() if adv.dim() == 1 else L.masked_mean(adv.abs(), mask)
-            loop.finish({"step": step + 1, M.REWARD_MEAN: float(score.mean()), M.REWARD_STD: float(score.std()),
+            every = D.gather(score)  # the whole step's scores (one process: these)
+            loop.finish({"step": step + 1, M.REWARD_MEAN: float(every.mean()), M.REWARD_STD: float(every.std()),
                          M.ADVANTAGE_ABS: float(abs_adv), M.KL: float(kl_tok.sum(-1).mean()), M.KL_K3: float(k3.mean()),
                          **stats, M.LR: scheduler.get_last_lr()[0], **sample_stats(prompts, r, second)},
                         samples=len(prompts), t0=t0)

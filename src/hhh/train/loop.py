@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hhh import distributed as D
 from hhh import metrics as M
 
 
@@ -36,8 +37,9 @@ def chunks(n: int, size: int) -> list[slice]:
 
 
 def clip_and_step(params, optimizer, scheduler, max_norm: float) -> float:
-    """Clip the gradients' global norm, step the optimizer and the learning-rate schedule; returns the norm
-    before clipping (logged as grad_norm)."""
+    """Average the gradients over the processes (a no-op on one), clip their global norm, step the optimizer and
+    the learning-rate schedule; returns the norm before clipping (logged as grad_norm)."""
+    D.average_gradients(params)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
     optimizer.step()
     scheduler.step()
@@ -60,9 +62,11 @@ def step_prompts(prompts: Sequence[str], batch_size: int, step: int, seed: int) 
 SAMPLING, MINIBATCHES, HELD_OUT = 0, 1, 2  # independent random streams
 
 
-def step_generator(seed: int, step: int, device: torch.device | str = "cpu", stream: int = SAMPLING) -> torch.Generator:
-    """A fresh generator per (step, stream): a resumed run needs no saved RNG state to draw the same numbers."""
-    entropy = np.random.default_rng([seed, step, stream]).integers(2**62)
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu", stream: int = SAMPLING,
+                   rank: int = 0) -> torch.Generator:
+    """A fresh generator per (step, stream): a resumed run needs no saved RNG state to draw the same numbers.
+    `rank` > 0: another process's own stream (rank 0's is that of a single process)."""
+    entropy = np.random.default_rng([seed, step, stream] + ([rank] if rank else [])).integers(2**62)
     return torch.Generator(device=device).manual_seed(int(entropy))
 
 
@@ -259,39 +263,48 @@ class OnlineRun:
 
     def finish(self, m: dict[str, Any], *, samples: int, t0: float) -> None:
         """The tail of a step: adapt beta, check the guards (raise beta when over the KL budget), the held-out
-        check and best checkpoint, log, progress, checkpoint."""
-        step, config = self.step + 1, self.config
+        check and best checkpoint, log, progress, checkpoint.
+
+        On several processes `m` is each rank's own; from here on every rank holds their mean (so beta, the guards
+        and the stops agree), and rank 0 alone runs the held-out check, logs and writes."""
+        step, config, main = self.step + 1, self.config, D.world().main
+        m = D.mean_metrics(m)
+        samples *= D.world().size
         m[M.KL_BETA] = self.kl.beta  # the coefficient this step used
         self.kl.update(m[M.KL], samples)
         alarms, action = self.guards.check(step, m)
         if action == "raise_beta":
             self.kl.beta *= 1.5
-        if self.val and (step % config.val_every == 0 or step == config.steps):
+        if main and self.val and (step % config.val_every == 0 or step == config.steps):
             m.update(held_out(self.policy, self.tokenizer, self.val, self.reward, self.second, config))
             if self.state["best_val"] is None or m[M.VAL_REWARD] > self.state["best_val"]:
                 self.state["best_val"], self.state["best_step"] = m[M.VAL_REWARD], step
                 self.save(self.run.path / "best")
         m["alarms"] = alarms
         m["time/step_s"] = time.time() - t0
-        self.run.log(m)
+        if main:
+            self.run.log(m)
         self.step = step
         self._bar.update(self._task, completed=step, description=(
             f"reward {m[M.REWARD_MEAN]:.3f}  KL {m[M.KL]:.2f}  beta {m[M.KL_BETA]:.3f}  {m['time/step_s']:.0f}s/step"
             + (f"  [red]{','.join(alarms)}" if alarms else "")))
         if action == "stop":
             self.stopped = "kl_budget"
-        if self._stop.requested:
+        if D.any_rank(self._stop.requested):
             self.stopped = "interrupted"
-        if self.stopped or step % config.checkpoint_every == 0 or step == config.steps:
+        if main and (self.stopped or step % config.checkpoint_every == 0 or step == config.steps):
             self.checkpoints.save(self.parts, self.optimizer, self.scheduler, {
                 **self.state, "step": step, "kl": self.kl.state_dict(), "guards": self.guards.state_dict(),
                 **{key: obj.state_dict() for key, obj in self.stateful.items()}})
 
     def save(self, folder: Path) -> None:
-        for part in self.parts:
-            part.save(folder)
+        """Rank 0 writes; the weights are the same on every rank."""
+        if D.world().main:
+            for part in self.parts:
+                part.save(folder)
 
     def result(self) -> Trained:
         """Save RUN/adapter; what the job evaluates."""
         self.save(self.run.path / "adapter")
+        D.barrier()
         return Trained(self.policy.lm, {"steps": self.step, "best_step": self.state["best_step"]}, self.stopped)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hhh import distributed as D
 from hhh import metrics as M
 from hhh.config import PPOConfig
 from hhh.losses import (
@@ -27,7 +28,6 @@ from hhh.losses import (
     gae,
     kl_per_token,
     masked_mean,
-    masked_whiten,
     ppo_policy_loss,
     shaped_rewards,
     token_mean,
@@ -92,12 +92,16 @@ def ppo_update(policy: Policy, critic: Critic, optimizer, scheduler, tokens: Tok
 
     params = policy.trainable_parameters() + critic.trainable_parameters()
     return minibatch_updates(params, optimizer, scheduler, len(tokens), epochs=config.ppo_epochs,
-                             minibatch_size=config.minibatch_size, micro_batch_size=config.micro_batch_size,
+                             minibatch_size=config.minibatch_size // D.world().size, micro_batch_size=config.micro_batch_size,
                              max_grad_norm=config.max_grad_norm, generator=generator, micro_loss=micro_loss)
 
 
 def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resume: bool = False) -> Trained:
-    """Train a LoRA policy with PPO on `base`; everything lands in `run` (see the module docstring)."""
+    """Train a LoRA policy with PPO on `base`; everything lands in `run` (see the module docstring).
+
+    On several processes (hhh.distributed) each rank samples and updates its share of the step's prompts with its
+    own sampling seed; reward normalisation and advantage whitening run over the whole batch, gradients are
+    averaged before each optimizer step."""
     from hhh.data import load_prompts
     from hhh.models.policy import build_policy
     from hhh.rewards import Shaped, build_reward
@@ -121,15 +125,18 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
     with loop:
         for step in loop.steps():
             t0 = time.time()
-            batch = step_prompts(train_prompts, config.batch_size, step, config.seed)
+            batch = D.shard(step_prompts(train_prompts, config.batch_size, step, config.seed))
             # 1. rollout
             r: Rollout = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
-                                temperature=config.temperature, generator=step_generator(config.seed, step, device))
+                                temperature=config.temperature,
+                                generator=step_generator(config.seed, step, device, rank=D.world().rank))
             t_rollout = time.time() - t0
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             raw = reward.score(batch, r.texts).to(device)
-            score = shaping.transform(raw) - config.no_eos_penalty * (~r.ended).float()
+            every = D.gather(raw)  # normalised with the whole step's scores, so the running statistics agree
+            mine = D.shard_slice(len(every))
+            score = shaping.transform(every)[mine] - config.no_eos_penalty * (~r.ended).float()
             with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
                 # 3. old log-probs, values, reference log-probs
                 old = old_passes(policy, critic, tokens, config)
@@ -140,7 +147,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
                 adv, returns = gae(rewards, old.values, mask, config.gamma, config.lam)
                 if config.whiten_advantages:
                     # Whitening shifts advantages to mean 0: without it a positive reward bias pushes every token up.
-                    adv = masked_whiten(adv, mask)
+                    adv = D.masked_whiten(adv, mask)
                 # 6. PPO epochs
                 update = ppo_update(policy, critic, optimizer, scheduler, tokens, old, adv, returns, config,
                                     step_generator(config.seed, step, "cpu", MINIBATCHES))
@@ -148,7 +155,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
             k1 = ((old.logprobs - old.ref_logprobs) * mask).sum(-1)
             k3 = (kl_per_token(old.logprobs, old.ref_logprobs, "k3") * mask).sum(-1)
             loop.finish({
-                "step": step + 1, M.REWARD_MEAN: float(raw.mean()), M.SHAPED_MEAN: float(score.mean()),
+                "step": step + 1, M.REWARD_MEAN: float(every.mean()), M.SHAPED_MEAN: float(score.mean()),
                 M.SHAPED_STD: float(score.std()) if score.numel() > 1 else 0.0,
                 M.SHAPED_TOTAL: float(rewards.sum(-1).mean()), M.KL: float(k1.mean()), M.KL_K3: float(k3.mean()),
                 M.KL_PER_TOKEN: float(k1.sum() / mask.sum()), M.ENTROPY: float(masked_mean(old.entropy, mask)),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from hhh import distributed as D
 from hhh import losses as L
 from hhh.config import RLOOConfig
 from hhh.runs import RunDir
@@ -24,7 +25,7 @@ from hhh.train.loop import Trained
 def rloo_advantages(config: RLOOConfig, score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
     """(B,) from scores (B,) and per-token KL (B, R)."""
     adv = L.rloo_advantages(score - beta * (kl * mask).sum(-1), config.group_size)
-    return L.global_whiten(adv) if config.normalize_advantages else adv
+    return D.whiten(adv) if config.normalize_advantages else adv  # over the whole batch, every process's part
 
 
 def train(config: RLOOConfig, run: RunDir, *, base, tokenizer, console=None, resume: bool = False) -> Trained:
@@ -32,7 +33,8 @@ def train(config: RLOOConfig, run: RunDir, *, base, tokenizer, console=None, res
 
     def advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
         if reinforce_pp:
-            return L.reinforce_pp_advantages(score, kl, mask, beta)  # (B, R)
+            returns = L.reinforce_pp_advantages(score, kl, mask, beta, whiten=False)  # (B, R)
+            return D.masked_whiten(returns, mask)  # over every token of the batch, every process's part
         return rloo_advantages(config, score, kl, mask, beta)
 
     def loss(logp: Tensor, i: Tensor, minibatch: Tensor, b: Batch) -> tuple[Tensor, Tensor]:
