@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from hhh.models import tiny_causal_lm
 from hhh.rollout import left_pad, positions, response_logprobs, sample
 from tests.conftest import with_eos_bias
 
@@ -75,3 +76,21 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny, tokenizer):
 def test_temperature_must_be_positive(tiny, tokenizer):
     with pytest.raises(ValueError, match="temperature"):
         sample(tiny, tokenizer, ["ok"], temperature=0.0)
+
+
+def test_a_group_shares_one_prefill_and_samples_what_a_full_prefill_samples(tokenizer):
+    """Prompts repeated in runs of G (GRPO/RLOO groups) are prefilled once and the KV cache repeated G times: the
+    same tokens for the same seed as prefilling every row, log-probs equal within float noise."""
+    model = with_eos_bias(tiny_causal_lm(tokenizer, seed=0), tokenizer.eos_token_id, 3.0)
+    prompts = [p for p in ("Tell me a story", "Why is the sky blue? Be brief.", "hi") for _ in range(4)]
+    runs = {share: sample(model, tokenizer, prompts, max_new_tokens=12, temperature=1.0, share_prefill=share,
+                          generator=torch.Generator().manual_seed(3)) for share in (True, False)}
+    shared, full = runs[True], runs[False]
+    assert shared.prefilled == 3 and full.prefilled == 12
+    assert torch.equal(shared.response_ids, full.response_ids) and torch.equal(shared.query_ids, full.query_ids)
+    assert len(set(shared.texts)) > 3  # the samples of a group differ: only the prompt was shared
+    torch.testing.assert_close(shared.logprobs, full.logprobs, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared.logprobs_t1, full.logprobs_t1, rtol=0, atol=1e-5)
+    # not in runs of equal length: every row is prefilled
+    odd = sample(model, tokenizer, ["a", "a", "b"], max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert odd.prefilled == 3

@@ -57,6 +57,7 @@ class Rollout:
     ended: Tensor  # (B,) bool, the completion emitted EOS within max_new_tokens
     texts: list[str]  # decoded completions without special tokens
     logprobs_t1: Tensor | None = None  # (B, R) log-probs of the same tokens at temperature 1 (for perplexity)
+    prefilled: int = 0  # prompt rows that went through the prefill (fewer than B when a group shared one)
 
     @property
     def lengths(self) -> Tensor:  # (B,) completion tokens, EOS included
@@ -160,8 +161,12 @@ def sample(
     temperature: float = 0.7,
     generator: torch.Generator | None = None,
     chat: bool = True,
+    share_prefill: bool = True,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts for several samples).
+
+    Prompts that come in runs of G equal ones (a GRPO/RLOO group) are prefilled once per run and the KV cache
+    repeated G times (`share_prefill`): the same tokens for the same generator as prefilling every row.
 
     >>> r = sample(model, tok, ["Say hi"], max_new_tokens=8, generator=torch.Generator().manual_seed(0))
     >>> r.response_ids.shape[0], r.texts[0]  # doctest: +SKIP
@@ -180,14 +185,20 @@ def sample(
                 f"prompt {i} has {len(s)} tokens; with max_new_tokens={max_new_tokens} it exceeds the "
                 f"model context of {limit}: {_last_text(prompts[i])[:60]!r}"
             )
-    query_ids, query_mask = left_pad(seqs, pad_id, device)
+    group = _runs_of_equal(seqs) if share_prefill else 1
+    query_ids, query_mask = left_pad(seqs[::group], pad_id, device)  # one row per run; its width is the same
+    cache_arg = _cache_argument(model)
+    out = model(input_ids=query_ids, attention_mask=query_mask, position_ids=positions(query_mask), use_cache=True,
+                logits_to_keep=1)
+    past, logits = out[cache_arg], out.logits[:, -1]
+    prefilled = query_ids.shape[0]
+    if group > 1:
+        past.batch_repeat_interleave(group)
+        logits = logits.repeat_interleave(group, dim=0)
+        query_ids, query_mask = query_ids.repeat_interleave(group, dim=0), query_mask.repeat_interleave(group, dim=0)
     batch = query_ids.shape[0]
-
     attn = query_mask
     pos = positions(attn)
-    cache_arg = _cache_argument(model)
-    out = model(input_ids=query_ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    past, logits = out[cache_arg], out.logits[:, -1]
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, logps_t1, live = [], [], [], []
     for _ in range(max_new_tokens):
@@ -225,7 +236,18 @@ def sample(
         ended=done & (response_ids == eos_id).any(-1),
         texts=[t.strip() for t in texts],
         logprobs_t1=torch.stack(logps_t1, 1),
+        prefilled=prefilled,
     )
+
+
+def _runs_of_equal(seqs: Sequence[Sequence[int]]) -> int:
+    """G > 1 when `seqs` is made of consecutive runs of G equal sequences, else 1."""
+    g = 1
+    while g < len(seqs) and seqs[g] == seqs[0]:
+        g += 1
+    if g == 1 or len(seqs) % g or any(seqs[i] != seqs[i - i % g] for i in range(len(seqs))):
+        return 1
+    return g
 
 
 def response_logits(model, query_ids: Tensor, query_mask: Tensor, response_ids: Tensor, response_mask: Tensor) -> Tensor:
