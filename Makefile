@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.hhh-installed
 
-.PHONY: setup detox test test-fast lint system bench-trl lock
+.PHONY: setup detox test test-fast lint system bench bench-trl lock
 
 setup: $(STAMP)
 
@@ -60,8 +60,12 @@ test: setup system $(LLAMA_CPP)
 test-fast: setup system $(LLAMA_CPP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# hhh's DPO and GRPO against TRL's trainers (bench/vs_trl.py). TRL is needed only here: installed without its
-# dependencies (transformers, accelerate, datasets, peft are already in .venv), so it cannot move their versions.
-bench-trl: setup
+# hhh against TRL (bench/vs_trl.py): PPO vs TRL 1.12's PPOTrainer, GRPO and DPO vs TRL 1.16, and hhh's sampler vs
+# transformers' generate (bench/rollout.py), one run; `make bench ARGS=--write` writes bench/results/latest.*.
+# TRL is needed only here: installed without its dependencies (transformers, accelerate, datasets, peft are
+# already in .venv), so it cannot move their versions; 1.12.0 (the last with PPO) goes into .bench/trl-1.12 and
+# is put on the path of the PPO worker only.
+bench bench-trl: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/pip install -q --no-deps trl==1.16.0
+	test -d .bench/trl-1.12/trl || $(BIN)/pip install -q --no-deps --target .bench/trl-1.12 trl==1.12.0
 	$(BIN)/python bench/vs_trl.py $(ARGS)

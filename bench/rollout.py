@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--write", action="store_true", help="write bench/results/rollout.md and .json")
+    ap.add_argument("--json", action="store_true", help="last line: RESULT {json} (for bench/vs_trl.py)")
     args = ap.parse_args()
 
     from hhh.data import load_prompts
@@ -116,6 +117,8 @@ def main() -> None:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "matmul_peak_gflops": peak / 1e9, "new_tokens": NEW_TOKENS, "repeats": args.repeats}
     print(f"fp32 matmul peak here: {peak / 1e9:.1f} GFLOP/s")
+    if args.json:
+        print("RESULT " + json.dumps({**meta, "rows": rows}))
     if args.write:
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)

@@ -1,4 +1,5 @@
-"""hhh's DPO and GRPO against TRL's DPOTrainer and GRPOTrainer: seconds per step and peak memory.
+"""hhh's DPO, GRPO and PPO against TRL's DPOTrainer, GRPOTrainer and PPOTrainer: seconds per step, throughput,
+peak memory and the share of the machine's fp32 matmul peak.
 
 Same machine, same session, same bundled model (fp32), same LoRA (r 16, alpha 32, top 10 layers, the
 modules hhh adapts), same data, same step sizes:
@@ -6,20 +7,35 @@ modules hhh adapts), same data, same step sizes:
         per minibatch before training (that pass is counted in hhh's time)
   GRPO  16 completions per step (4 prompts x 4), 48 new tokens at temperature 0.7, beta 0.04, reward
         1 - P(offensive) on the red-team train prompts; sampling is part of each step for both
-Each of the four runs in its own process, so peak memory (max RSS, model load included) is its own. The first
-step of each is warm-up and not timed. Prints one line per run and the hhh/TRL ratios.
+  PPO   16 completions per step, 48 new tokens at temperature 0.7, 2 PPO epochs of 2 minibatches, KL coefficient
+        0.05; TRL 1.12.0's PPOTrainer (the last TRL release with PPO, trl.experimental.ppo; installed by
+        `make bench-trl` into .bench/trl-1.12 and put first on the path of its worker only). TRL's PPO needs a
+        value model and a reward model: its value model is the bundled model with a scalar head (its design: a
+        second network, trained whole), its reward model a 2-layer scorer on the same vocabulary (negligible next
+        to the policy); hhh's critic is a value head on the policy's hidden state and its reward 1 - P(offensive)
+Each run is its own process, so peak memory (max RSS, model load included) is its own. The first step of each is
+warm-up and not timed; the time is the median of the others. With --flops each trainer runs a second time under
+torch's FlopCounterMode (matmuls and attention, forward and backward, as executed: FLOPs per step) and the share
+of the peak is FLOPs per step / the timed run's seconds per step; the peak is the best 2048^3 fp32 matmul on the
+same threads in the same run. Prints one line per run and the hhh/TRL ratios; with --write also
+bench/results/latest.{md,json}.
 
-    make bench-trl          # installs trl==1.16.0 (--no-deps) into .venv, then runs this
-    .venv/bin/python bench/vs_trl.py [--dpo-steps 4] [--grpo-steps 3]
+    make bench-trl          # installs trl==1.16.0 (--no-deps) into .venv and trl==1.12.0 beside it, runs this
+    .venv/bin/python bench/vs_trl.py [--dpo-steps 4] [--grpo-steps 4] [--ppo-steps 4] [--flops] [--write]
 """
 
 import argparse
 import json
+import os
+import platform
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 MODEL = "bundled:smollm2-135m-instruct"
 WORDS = ("the a you I we it is not can will help please sorry people think know good bad right wrong "
@@ -47,20 +63,54 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+TRL_PPO = Path(__file__).resolve().parent.parent / ".bench" / "trl-1.12"
+
+
 def step_timer():
-    """A TrainerCallback recording each optimizer step's wall time."""
+    """A TrainerCallback recording each step's wall time, from the end of the step before (TRL's PPOTrainer calls
+    only on_step_end; the first step is timed from the start of training)."""
     from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         times: list[float] = []
 
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.time()
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.time()
 
         def on_step_end(self, args, state, control, **kw):
-            self.times.append(time.time() - self.t0)
+            now = time.time()
+            self.times.append(now - self.last)
+            self.last = now
 
     return Timer()
+
+
+FLOPS = {"count": 0.0, "seconds": 0.0}
+
+
+@contextmanager
+def counted():
+    """With --flops (HHH_BENCH_FLOPS=1 in the worker): count the FLOPs the block executes and its wall time (into
+    FLOPS). The counter sees every op through Python, which slows the step, so a run that counts is not the run
+    that is timed."""
+    if os.environ.get("HHH_BENCH_FLOPS") != "1":
+        yield
+        return
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mode = FlopCounterMode(display=False)
+    t0 = time.time()
+    with mode:
+        yield
+    FLOPS["count"] += mode.get_total_flops()
+    FLOPS["seconds"] += time.time() - t0
+
+
+def timed(step_s: list[float]) -> dict:
+    """Median seconds per step after the first (warm-up)."""
+    if len(step_s) < 2:
+        raise SystemExit("need at least 2 steps (the first is a warm-up)")
+    return {"s_per_step": statistics.median(step_s[1:]), "steps": len(step_s)}
 
 
 def toxicity_reward():
@@ -92,8 +142,9 @@ def trl_dpo(steps: int) -> dict:
                      use_cpu=True, bf16=False, dataloader_num_workers=0, max_length=256)
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
                          peft_config=lora(model), callbacks=[timer])
-    trainer.train()
-    return {"s_per_step": sum(timer.times[1:]) / (len(timer.times) - 1), "steps": len(timer.times)}
+    with counted():
+        trainer.train()
+    return {**timed(timer.times), "units_per_step": 8}
 
 
 def hhh_dpo(steps: int) -> dict:
@@ -111,12 +162,16 @@ def hhh_dpo(steps: int) -> dict:
                  [False] * len(rows), [None] * len(rows))
     config = DPOConfig(batch_size=8, epochs=1, lr=5e-4, beta=0.1, out="/tmp/bench-hhh-dpo")
     run = RunDir.create("dpo", config, config.out, exist_ok=True)
+    (run.path / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.time()
-    train_dpo(config, run, data, base=model, tokenizer=tok, console=Console(quiet=True))
+    with counted():
+        train_dpo(config, run, data, base=model, tokenizer=tok, console=Console(quiet=True))
     total = time.time() - t0
-    step_s = [m["time/step_s"] for m in run.metrics()[-steps:]]
-    # reference pass + every step, per step: what a user waits for
-    return {"s_per_step": total / steps, "s_per_step_steps_only": sum(step_s[1:]) / (steps - 1), "steps": steps}
+    step_s = [m["time/step_s"] for m in run.metrics()]
+    # the reference pass spread over the steps + the median step: what a user waits for per step
+    reference = total - sum(step_s)
+    return {"s_per_step": statistics.median(step_s[1:]) + reference / steps,
+            "s_per_step_steps_only": statistics.median(step_s[1:]), "steps": steps, "units_per_step": 8}
 
 
 def trl_grpo(steps: int) -> dict:
@@ -136,8 +191,9 @@ def trl_grpo(steps: int) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=toxicity_reward(), args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tok, peft_config=lora(model),
                           callbacks=[timer])
-    trainer.train()
-    return {"s_per_step": sum(timer.times[1:]) / (len(timer.times) - 1), "steps": len(timer.times)}
+    with counted():
+        trainer.train()
+    return {**timed(timer.times), "units_per_step": 16}
 
 
 def hhh_grpo(steps: int) -> dict:
@@ -153,39 +209,171 @@ def hhh_grpo(steps: int) -> dict:
                         val_prompts=0, out="/tmp/bench-hhh-grpo")
     run = RunDir.create("grpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
-    train(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
-    step_s = [m["time/step_s"] for m in run.metrics()]
-    return {"s_per_step": sum(step_s[1:]) / (len(step_s) - 1), "steps": len(step_s)}
+    with counted():
+        train(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
+    return {**timed([m["time/step_s"] for m in run.metrics()]), "units_per_step": 16}
 
 
-WORKERS = {"trl-dpo": trl_dpo, "hhh-dpo": hhh_dpo, "trl-grpo": trl_grpo, "hhh-grpo": hhh_grpo}
+def trl_ppo(steps: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from hhh.data import load_prompts
+    from hhh.models import load_causal_lm, load_tokenizer
+    from hhh.models.spec import local_path
+    from hhh.rollout import chat_prompt_ids
+
+    tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
+    tok.padding_side = "left"
+    value = AutoModelForSequenceClassification.from_pretrained(local_path(MODEL), num_labels=1)
+    torch.manual_seed(0)
+    small = LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, pad_token_id=tok.pad_token_id)
+    scorer = LlamaForSequenceClassification(small)
+    scorer.config.num_labels = 1
+    scorer.score = torch.nn.Linear(64, 1, bias=False)
+    prompts = load_prompts("redteam:train")[: 16 * steps]
+    rows = [{"input_ids": ids} for ids in chat_prompt_ids(tok, prompts)]
+    timer = step_timer()
+    args = PPOConfig(output_dir="/tmp/bench-trl-ppo", per_device_train_batch_size=16, num_mini_batches=2,
+                     num_ppo_epochs=2, gradient_accumulation_steps=1, total_episodes=16 * steps, response_length=48,
+                     temperature=0.7, stop_token="eos", kl_coef=0.05, learning_rate=2e-3, vf_coef=0.1,
+                     local_rollout_forward_batch_size=16, num_sample_generations=0, report_to="none",
+                     save_strategy="no", logging_steps=1, use_cpu=True, bf16=False)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=model, ref_model=None, reward_model=scorer,
+                         value_model=value, train_dataset=Dataset.from_list(rows), peft_config=lora(model),
+                         callbacks=[timer])
+    with counted():
+        trainer.train()
+    return {**timed(timer.times), "units_per_step": 16}
+
+
+def hhh_ppo(steps: int) -> dict:
+    from rich.console import Console
+
+    from hhh.config import DetoxConfig
+    from hhh.models import load_causal_lm, load_tokenizer
+    from hhh.runs import RunDir
+    from hhh.train.ppo import train
+
+    tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
+    config = DetoxConfig(steps=steps, batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2,
+                         max_new_tokens=48, temperature=0.7, kl_coef=0.05, lr=2e-3, reward="toxicity",
+                         val_prompts=0, out="/tmp/bench-hhh-ppo")
+    run = RunDir.create("detox", config, config.out, exist_ok=True)
+    (run.path / "metrics.jsonl").unlink(missing_ok=True)
+    with counted():
+        train(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
+    return {**timed([m["time/step_s"] for m in run.metrics()]), "units_per_step": 16}
+
+
+WORKERS = {"trl-dpo": trl_dpo, "hhh-dpo": hhh_dpo, "trl-grpo": trl_grpo, "hhh-grpo": hhh_grpo,
+           "trl-ppo": trl_ppo, "hhh-ppo": hhh_ppo}
+UNITS = {"dpo": "pairs", "grpo": "completions", "ppo": "episodes"}
+
+
+def matmul_peak() -> float:
+    """Best fp32 FLOP/s of a 2048^3 matmul on this process's threads."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
+    return best
+
+
+def worker(cmd: list[str], env: dict) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{cmd[-4:]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def table(results: dict, peak: float, rollout_rows: list[dict] | None) -> str:
+    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32 matmul peak "
+             f"{peak / 1e9:.0f} GFLOP/s (measured in this run).", "",
+             "| method | TRL s/step | hhh s/step | TRL per s | hhh per s | hhh/TRL throughput | TRL peak GB | "
+             "hhh peak GB | hhh/TRL memory | TRL % of peak | hhh % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in ("ppo", "grpo", "dpo"):
+        t, h = results.get(f"trl-{task}"), results.get(f"hhh-{task}")
+        if not t or not h:
+            continue
+        rate = lambda r: r["units_per_step"] / r["s_per_step"]  # noqa: E731
+        share = lambda r: f"{r['peak_share']:.1%}" if "peak_share" in r else "-"  # noqa: E731
+        lines.append(f"| {task.upper()} ({UNITS[task]}) | {t['s_per_step']:.2f} | {h['s_per_step']:.2f} | "
+                     f"{rate(t):.2f} | {rate(h):.2f} | **{rate(h) / rate(t):.2f}x** | {t['peak_gb']:.2f} | "
+                     f"{h['peak_gb']:.2f} | {h['peak_gb'] / t['peak_gb']:.2f}x | {share(t)} | {share(h)} |")
+    if rollout_rows:
+        lines += ["", "| rollout, batch | HF generate tokens/s | hhh tokens/s | hhh/HF | HF % of peak | hhh % of peak |",
+                  "|---|---|---|---|---|---|"]
+        for r in rollout_rows:
+            lines.append(f"| {r['batch']} | {r['hf_tok_s']:.0f} | {r['hhh_tok_s']:.0f} | **{r['ratio']:.2f}x** | "
+                         f"{r['hf_peak_fraction']:.1%} | {r['hhh_peak_fraction']:.1%} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dpo-steps", type=int, default=4)
-    parser.add_argument("--grpo-steps", type=int, default=3)
+    parser.add_argument("--grpo-steps", type=int, default=4)
+    parser.add_argument("--ppo-steps", type=int, default=4)
+    parser.add_argument("--only", default="ppo,grpo,dpo,rollout", help="comma-separated of ppo, grpo, dpo, rollout")
+    parser.add_argument("--flops", action="store_true", help="run each trainer again under a FLOP counter")
+    parser.add_argument("--write", action="store_true", help="write bench/results/latest.md and latest.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    steps = {"dpo": args.dpo_steps, "grpo": args.grpo_steps, "ppo": args.ppo_steps}
     if args.worker:
-        steps = args.dpo_steps if args.worker.endswith("dpo") else args.grpo_steps
-        result = WORKERS[args.worker](steps)
-        print("RESULT " + json.dumps({**result, "peak_gb": peak_gb()}))
+        n = steps[args.worker.split("-")[1]]
+        result = WORKERS[args.worker](n)
+        flops = {"flops_per_step": FLOPS["count"] / n} if FLOPS["seconds"] else {}
+        print("RESULT " + json.dumps({**result, **flops, "peak_gb": peak_gb()}))
         return
-    results = {}
-    for name in WORKERS:
-        proc = subprocess.run([sys.executable, __file__, "--worker", name, "--dpo-steps", str(args.dpo_steps),
-                               "--grpo-steps", str(args.grpo_steps)], capture_output=True, text=True)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[0][7:])
+    only = [x.strip() for x in args.only.split(",")]
+    peak = matmul_peak()
+    results: dict = {}
+    names = [n for n in WORKERS if n.split("-")[1] in only] + (["rollout"] if "rollout" in only else [])
+    for name in names:
+        env = dict(os.environ)
+        if name == "trl-ppo":
+            if not (TRL_PPO / "trl").is_dir():
+                sys.exit(f"TRL 1.12.0 is not in {TRL_PPO}: make bench-trl installs it")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRL_PPO), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, __file__, "--worker", name, *(f"--{k}-steps={v}" for k, v in steps.items())]
+        if name == "rollout":  # hhh's sampler vs transformers' generate, its own script
+            cmd = [sys.executable, str(Path(__file__).with_name("rollout.py")), "--json"]
+        results[name] = worker(cmd, env)
         r = results[name]
-        print(f"{name:9s} {r['s_per_step']:6.2f} s/step  peak {r['peak_gb']:.2f} GB  ({r['steps']} steps)", flush=True)
-    for task in ("dpo", "grpo"):
-        h, t = results[f"hhh-{task}"], results[f"trl-{task}"]
-        print(f"{task}: hhh/TRL time per step {h['s_per_step'] / t['s_per_step']:.2f}x, "
-              f"peak memory {h['peak_gb'] / t['peak_gb']:.2f}x")
+        if name == "rollout":
+            print("rollout  " + ", ".join(f"batch {x['batch']}: {x['ratio']:.2f}x" for x in r["rows"]), flush=True)
+            continue
+        if args.flops:
+            r["flops_per_step"] = worker(cmd, {**env, "HHH_BENCH_FLOPS": "1"})["flops_per_step"]
+            r["peak_share"] = r["flops_per_step"] / r["s_per_step"] / peak
+        share = f"  {r['peak_share']:.1%} of the matmul peak" if "peak_share" in r else ""
+        print(f"{name:9s} {r['s_per_step']:6.2f} s/step  peak {r['peak_gb']:.2f} GB{share}  ({r['steps']} steps)",
+              flush=True)
+    text = table(results, peak, results.get("rollout", {}).get("rows"))
+    print(text)
+    if args.write:
+        out = Path(__file__).with_name("results")
+        out.mkdir(exist_ok=True)
+        (out / "latest.md").write_text(text + "\n")
+        import torch
+        import transformers
+
+        (out / "latest.json").write_text(json.dumps({
+            "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "platform": platform.platform(), "matmul_peak_flops": peak},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "settings": steps, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
