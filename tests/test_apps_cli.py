@@ -130,3 +130,34 @@ def test_bundled_model_answers_the_resume_question_from_the_docs(tmp_path, capsy
     assert any("--resume" in s["text"] for s in answer["sources"])
     assert all(" § " in s["citation"] and s["citation"].split(" § ")[0].endswith(".md")
                for s in answer["sources"])
+
+
+def test_reason_eval_keeps_each_finished_method_and_resumes(tiny_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during chain-of-thought: the direct answers are on disk; --resume runs only what is missing, and the
+    report equals an uninterrupted run's."""
+    from hhh.apps import reasoning
+
+    real, ran = reasoning.run_method, []
+
+    def interrupted(model, method, *a, **kw):
+        ran.append(method)
+        if method == "cot" and ran.count("cot") == 1:
+            raise KeyboardInterrupt
+        return real(model, method, *a, **kw)
+
+    monkeypatch.setattr(reasoning, "run_method", interrupted)
+    out, argv = tmp_path / "r", ["reason", "eval", "--model", str(tiny_dir), "--problems", "2", "--methods",
+                                 "direct,cot", "--max-new-tokens", "6"]
+    assert main([*argv, "--out", str(out)]) == 130
+    assert (out / "partial" / "direct.json").is_file() and not (out / "reasoning.json").exists()
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err  # a folder with partial results is not overwritten silently
+    assert main([*argv, "--k", "3", "--out", str(out), "--resume"]) == 2  # other settings: refused, one line
+    assert "settings differ" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--resume"]) == 0
+    assert ran == ["direct", "cot", "cot"]
+    monkeypatch.setattr(reasoning, "run_method", real)
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("settings", "versions")}  # noqa: E731
+    assert strip(json.loads((out / "reasoning.json").read_text())) == \
+        strip(json.loads((tmp_path / "straight" / "reasoning.json").read_text()))

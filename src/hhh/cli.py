@@ -325,6 +325,7 @@ def _progress(text: str) -> None:
 
 
 def cmd_reason_eval(args: argparse.Namespace) -> int:
+    """Each method's answers are saved in OUT/partial/ as it finishes; --resume skips the methods found there."""
     import json
     from pathlib import Path
 
@@ -338,13 +339,34 @@ def cmd_reason_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if (out / "reasoning.json").exists():
         raise FileExistsError(f"{out}: holds a reasoning.json already; choose another --out")
+    settings = {key: getattr(args, key) for key in ("model", "problems", "problem_seed", "seed", "k", "temperature",
+                                                     "max_new_tokens")}
+    partial = out / "partial"
+    done = {}
+    if partial.is_dir() and any(partial.glob("*.json")):
+        if not args.resume:
+            raise FileExistsError(f"{out}: holds partial results; --resume continues them, or choose another --out")
+        for path in sorted(partial.glob("*.json")):
+            saved = json.loads(path.read_text())
+            if saved["settings"] != settings:
+                changed = ", ".join(k for k in settings if saved["settings"].get(k) != settings[k])
+                raise ValueError(f"{path}: settings differ from this command's ({changed}); resume with the same "
+                                 f"flags or choose another --out")
+            done[path.stem] = saved["result"]
+        print(f"resuming: {', '.join(m for m in methods if m in done) or 'nothing'} already done", file=sys.stderr)
+
+    def save(method: str, result: dict) -> None:
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = partial / f"{method}.json.tmp"
+        tmp.write_text(json.dumps({"settings": settings, "result": result}) + "\n")
+        tmp.replace(partial / f"{method}.json")
+
     seed_everything(args.seed)
     model = chat_model(args.model)
     report = evaluate(model, probs, methods=methods, k=args.k, temperature=args.temperature,
-                      max_new_tokens=args.max_new_tokens, seed=args.seed,
+                      max_new_tokens=args.max_new_tokens, seed=args.seed, done=done, on_method=save,
                       progress=lambda m: _progress(f"{m}: done ({len(probs)} problems)"))
-    report["settings"] = {key: getattr(args, key) for key in ("model", "problems", "problem_seed", "seed", "k",
-                                                               "temperature", "max_new_tokens", "methods")}
+    report["settings"] = {**settings, "methods": args.methods}
     report["versions"] = versions()
     out.mkdir(parents=True, exist_ok=True)
     (out / "reasoning.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -491,6 +513,8 @@ def _apps_args(name: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--temperature", type=float, default=0.7, help="self-consistency temperature (default: 0.7)")
         p.add_argument("--max-new-tokens", type=int, default=128, help="chain-of-thought length (default: 128)")
         p.add_argument("--out", required=True, metavar="DIR", help="folder for reasoning.json and reasoning.md")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out: the "
+                                                             "methods saved in OUT/partial/ are not run again")
     if name == "agent":
         p.add_argument("question", nargs="+", help="question(s); several run together")
         p.add_argument("--pal", action="store_true", help="answer with one sandboxed program (PAL) instead of "

@@ -196,62 +196,63 @@ def check(methods: Sequence[str], k: int) -> None:
 METHODS = ("direct", "cot", "sc", "pal", "react")
 
 
-def evaluate(model, probs: Sequence[Problem], *, methods: Sequence[str] = ("direct", "cot", "sc", "pal"),
-             k: int = 5, temperature: float = 0.7, max_new_tokens: int = 192, seed: int = 0,
-             progress=None) -> dict:
-    """Accuracy of each method on `probs` with 95% intervals and the extraction failure rate, and every answer.
-    `model`: anything with hhh.cai.critic's generate (a local model or an endpoint)."""
+def run_method(model, method: str, questions: Sequence[str], *, k: int = 5, temperature: float = 0.7,
+               max_new_tokens: int = 192, seed: int = 0) -> dict:
+    """One method on every question: {"predictions": [answer or None, ...], "fields": [{what to keep}, ...]}.
+    Each method draws from its own generator seeded by `seed`, so a method's answers do not depend on which
+    methods ran before it (a resumed evaluation gives what an uninterrupted one would)."""
     from hhh.apps import pal
 
-    check(methods, k)
     generator = torch.Generator().manual_seed(seed)
-    questions = [p.question for p in probs]
-    records: list[dict] = [{"task": p.task, "question": p.question, "answer": p.answer} for p in probs]
-    predictions: dict[str, list[str | None]] = {}
-
-    def note(method: str) -> None:
-        if progress is not None:
-            progress(method)
-
-    if "direct" in methods:
-        texts = _generate(model, [direct_conversation(q) for q in questions], max_new_tokens=24, temperature=0.0,
-                          generator=generator)
-        predictions["direct"] = [extract_answer(t) for t in texts]
-        for r, t in zip(records, texts, strict=True):
-            r["direct"] = t
-        note("direct")
-    if "cot" in methods:
-        texts = _generate(model, [cot_conversation(q) for q in questions], max_new_tokens=max_new_tokens,
+    if method in ("direct", "cot"):
+        conversations = [(direct_conversation if method == "direct" else cot_conversation)(q) for q in questions]
+        texts = _generate(model, conversations, max_new_tokens=24 if method == "direct" else max_new_tokens,
                           temperature=0.0, generator=generator)
-        predictions["cot"] = [extract_answer(t) for t in texts]
-        for r, t in zip(records, texts, strict=True):
-            r["cot"] = t
-        note("cot")
-    if "sc" in methods:
+        return {"predictions": [extract_answer(t) for t in texts], "fields": [{method: t} for t in texts]}
+    if method == "sc":
         convs = [cot_conversation(q) for q in questions for _ in range(k)]
         texts = _generate(model, convs, max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
-        samples = [[extract_answer(t) for t in texts[i * k:(i + 1) * k]] for i in range(len(probs))]
-        predictions["sc"] = [majority(s) for s in samples]
-        for r, votes in zip(records, samples, strict=True):
-            r["sc_samples"] = votes
-        note("sc")
-    if "pal" in methods:
-        solved = pal.solve(model, questions, seed=seed)
-        predictions["pal"] = [_number(pal.as_number(done.answer)) for done in solved]
-        for r, done in zip(records, solved, strict=True):
-            r["pal_code"] = done.attempts[-1].code if done.attempts else ""
-            r["pal_error"] = done.error
-            r["pal_from_stdout"] = done.from_stdout
-        note("pal")
-    if "react" in methods:
+        samples = [[extract_answer(t) for t in texts[i * k:(i + 1) * k]] for i in range(len(questions))]
+        return {"predictions": [majority(v) for v in samples], "fields": [{"sc_samples": v} for v in samples]}
+    if method == "pal":
+        solved = pal.solve(model, list(questions), seed=seed)
+        return {"predictions": [_number(pal.as_number(done.answer)) for done in solved],
+                "fields": [{"pal_code": done.attempts[-1].code if done.attempts else "", "pal_error": done.error,
+                            "pal_from_stdout": done.from_stdout} for done in solved]}
+    if method == "react":
         from hhh.apps.react import run_agent
         from hhh.apps.tools import default_tools
 
-        results = run_agent(model, questions, default_tools(), seed=seed)
-        predictions["react"] = [None if r.answer is None else extract_answer(r.answer) for r in results]
-        for r, res in zip(records, results, strict=True):
-            r["react"] = res.to_dict()
-        note("react")
+        results = run_agent(model, list(questions), default_tools(), seed=seed)
+        return {"predictions": [None if r.answer is None else extract_answer(r.answer) for r in results],
+                "fields": [{"react": r.to_dict()} for r in results]}
+    raise ValueError(f"methods: unknown {method}")
+
+
+def evaluate(model, probs: Sequence[Problem], *, methods: Sequence[str] = ("direct", "cot", "sc", "pal"),
+             k: int = 5, temperature: float = 0.7, max_new_tokens: int = 192, seed: int = 0,
+             progress=None, done: dict[str, dict] | None = None, on_method=None) -> dict:
+    """Accuracy of each method on `probs` with 95% intervals and the extraction failure rate, and every answer.
+    `model`: anything with hhh.cai.critic's generate (a local model or an endpoint). `done`: results of
+    run_method already at hand (a resumed evaluation), not run again; `on_method(method, result)` is called as
+    each of the others finishes (to save it)."""
+    check(methods, k)
+    questions = [p.question for p in probs]
+    records: list[dict] = [{"task": p.task, "question": p.question, "answer": p.answer} for p in probs]
+    predictions: dict[str, list[str | None]] = {}
+    for method in methods:
+        if done and method in done:
+            result = done[method]
+        else:
+            result = run_method(model, method, questions, k=k, temperature=temperature,
+                                max_new_tokens=max_new_tokens, seed=seed)
+            if on_method is not None:
+                on_method(method, result)
+        predictions[method] = result["predictions"]
+        for r, fields in zip(records, result["fields"], strict=True):
+            r.update(fields)
+        if progress is not None:
+            progress(method)
     scores = []
     for method in methods:
         preds = predictions[method]
