@@ -354,8 +354,9 @@ def main() -> None:
         if name == "rollout":
             print("rollout  " + ", ".join(f"batch {x['batch']}: {x['ratio']:.2f}x" for x in r["rows"]), flush=True)
             continue
-        if args.flops:
-            r["flops_per_step"] = worker(cmd, {**env, "HHH_BENCH_FLOPS": "1"})["flops_per_step"]
+        if args.flops:  # a second, shorter run under the counter (2 steps: FLOPs per step)
+            short = [*cmd[:4], *(f"--{k}-steps=2" for k in steps)]
+            r["flops_per_step"] = worker(short, {**env, "HHH_BENCH_FLOPS": "1"})["flops_per_step"]
             r["peak_share"] = r["flops_per_step"] / r["s_per_step"] / peak
         share = f"  {r['peak_share']:.1%} of the matmul peak" if "peak_share" in r else ""
         print(f"{name:9s} {r['s_per_step']:6.2f} s/step  peak {r['peak_gb']:.2f} GB{share}  ({r['steps']} steps)",
