@@ -274,20 +274,6 @@ WORKERS = {"trl-dpo": trl_dpo, "hhh-dpo": hhh_dpo, "trl-grpo": trl_grpo, "hhh-gr
 UNITS = {"dpo": "pairs", "grpo": "completions", "ppo": "episodes"}
 
 
-def matmul_peak() -> float:
-    """Best fp32 FLOP/s of a 2048^3 matmul on this process's threads."""
-    import torch
-
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * 2048 ** 3 / (time.perf_counter() - t))
-    return best
-
-
 def worker(cmd: list[str], env: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -337,7 +323,10 @@ def main() -> None:
         print("RESULT " + json.dumps({**result, **flops, "peak_gb": peak_gb()}))
         return
     only = [x.strip() for x in args.only.split(",")]
-    peak = matmul_peak()
+    import torch
+    from rollout import matmul_peak  # bench/rollout.py, beside this script
+
+    peak = matmul_peak(torch.get_num_threads())
     results: dict = {}
     names = [n for n in WORKERS if n.split("-")[1] in only] + (["rollout"] if "rollout" in only else [])
     for name in names:
