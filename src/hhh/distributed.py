@@ -53,6 +53,11 @@ def world() -> World:
     return _WORLD
 
 
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (RANK), without joining the process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def launched() -> bool:
     """Whether a launcher started several processes (without joining a process group)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -153,8 +153,8 @@ def run_job(command: str, config=None, *, resume: str | None = None, console=Non
 
     job = JOBS[command]
     console = console or Console()
-    if not D.world().main:  # rank 0 speaks for the run
-        console = Console(quiet=True)
+    if D.launched_rank() != 0:  # rank 0 speaks for the run (read from the environment: settings are checked
+        console = Console(quiet=True)  # before the process group is joined)
     config, run, resuming = open_run(job, config, resume, console)
     with run.removed_on_error():  # a new run folder that fails before its first step is removed
         return _evaluate_train_evaluate(job, config, run, console, resuming)
