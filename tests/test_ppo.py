@@ -169,6 +169,47 @@ def test_frozen_trunk_gives_the_full_forward_exactly(tokenizer):
     assert policy._trunks == {}  # the cache ends with the block
 
 
+@pytest.mark.parametrize("from_adapter", [False, True])
+def test_merged_adapter_samples_the_same_tokens_and_puts_the_base_back(tokenizer, tmp_path, from_adapter):
+    """Policy.merged(): sampling runs no adapter matmul, draws the same tokens for the same seed as the unmerged
+    policy (log-probs within float noise), and leaves every parameter as it was: same objects, same values, same
+    trainable set, also after an error inside and with a frozen reference adapter beside the trained one."""
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.rollout import sample
+
+    lora = LoraSettings(r=4, top_layers=2)
+    policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora)
+    _perturbed(policy)
+    if from_adapter:
+        policy.save(tmp_path / "a")
+        policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora,
+                              init_adapter=str(tmp_path / "a"))
+        _perturbed(policy)  # the trained adapter now differs from the reference one
+    before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
+    prompts = ["Tell me a story", "hi", "Why is the sky blue?"] * 2
+    plain = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
+    adapter_calls = []
+    hooks = [m.register_forward_hook(lambda *a: adapter_calls.append(1))
+             for n, m in policy.lm.named_modules() if n.endswith("lora_A.default")]
+    with policy.merged():
+        merged = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
+    assert adapter_calls == []
+    for h in hooks:
+        h.remove()
+    assert torch.equal(plain.response_ids, merged.response_ids) and int(plain.response_mask.sum()) > 12
+    torch.testing.assert_close(plain.logprobs, merged.logprobs, rtol=0, atol=1e-5)
+    assert plain.logprobs.abs().sum() != policy.reference_logprobs(plain.tokens, temperature=0.7).abs().sum()
+    with pytest.raises(RuntimeError, match="inside"), policy.merged():
+        raise RuntimeError("inside")
+    after = dict(policy.named_parameters())
+    assert after.keys() == before.keys()
+    for n, (p, value, grad) in before.items():
+        assert after[n] is p and torch.equal(p, value) and p.requires_grad == grad, n
+    again = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(again.logprobs, plain.logprobs)  # the adapter is active again, bit for bit
+
+
 def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="val_prompts=999"):
         run_ppo(tokenizer, tmp_path, "bad", steps=1, val_prompts=999)

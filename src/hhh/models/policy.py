@@ -223,6 +223,35 @@ class Policy(nn.Module):
         with self.reference():
             return self(tokens, temperature=temperature).logprobs
 
+    @contextmanager
+    def merged(self):
+        """Within: the active adapter folded into copies of the adapted weights and the adapter layers bypassed,
+        so a forward (sampling) runs plain linear layers and pays for no adapter matmuls. The same function up to
+        float rounding; the base weights are put back untouched on exit (merging in place and subtracting again
+        would move the frozen base, hence the reference, by rounding error every step). No gradients flow within.
+        Adapters other than plain LoRA (DoRA and other variants): nothing is merged."""
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        name = self.lm.active_adapter
+        adapted = [m for m in self.lm.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+        if not adapted or any(not isinstance(m, LoraLinear) or name in m.lora_variant or m.merged for m in adapted):
+            yield
+            return
+        swapped: list[tuple[nn.Module, nn.Parameter]] = []
+        try:
+            with torch.no_grad():
+                for m in adapted:
+                    base = m.get_base_layer()
+                    swapped.append((base, base.weight))
+                    base.weight = nn.Parameter(base.weight + m.get_delta_weight(name), requires_grad=False)
+            with self.lm.disable_adapter():
+                yield
+        finally:
+            for base, weight in swapped:
+                base.weight = weight
+            self._restore_trainable()
+
     # --- saving -----------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         """The PEFT adapter (loadable by peft.PeftModel.from_pretrained)."""

@@ -65,7 +65,7 @@ def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int
                                temperature: float) -> tuple[Tensor, Tensor]:
     """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches.
 
-    In fp32 the sampler's log-probs (KV cache) equal a fresh forward to ~1e-6 and serve as the old policy's (one
+    In fp32 the sampler's log-probs (KV cache, adapter merged) equal a fresh forward to ~1e-5 and serve as the old policy's (one
     policy pass fewer per step); in bf16/fp16 they differ by up to ~5e-2, which would clip the first ratio, so the
     old log-probs are then recomputed through the training forward."""
     recompute = policy.lm.get_base_model().dtype != torch.float32
@@ -123,9 +123,10 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             # 1. rollout: G samples per prompt, rows grouped by prompt
             prompts = [p for p in D.shard(step_prompts(train_prompts, config.prompts_per_step, step, config.seed))
                        for _ in range(config.group_size)]
-            r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                       temperature=config.temperature,
-                       generator=step_generator(config.seed, step, device, rank=D.world().rank))
+            with policy.merged():  # the adapter folded into the weights while sampling
+                r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                           temperature=config.temperature,
+                           generator=step_generator(config.seed, step, device, rank=D.world().rank))
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)

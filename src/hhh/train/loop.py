@@ -187,8 +187,9 @@ def held_out(policy, tokenizer, prompts: Sequence[str], reward, second, config) 
     from hhh.rollout import sample
 
     gen = step_generator(config.seed, 0, next(policy.parameters()).device, HELD_OUT)
-    r = sample(policy.lm, tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
-               temperature=config.temperature, generator=gen)
+    with policy.merged():
+        r = sample(policy.lm, tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
+                   temperature=config.temperature, generator=gen)
     return {M.VAL_REWARD: float(reward.score(prompts, r.texts).mean()),
             M.VAL_SECOND: float(second.score(prompts, r.texts).mean())}
 

@@ -127,9 +127,10 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
             t0 = time.time()
             batch = D.shard(step_prompts(train_prompts, config.batch_size, step, config.seed))
             # 1. rollout
-            r: Rollout = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
-                                temperature=config.temperature,
-                                generator=step_generator(config.seed, step, device, rank=D.world().rank))
+            with policy.merged():  # the adapter folded into the weights while sampling
+                r: Rollout = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
+                                    temperature=config.temperature,
+                                    generator=step_generator(config.seed, step, device, rank=D.world().rank))
             t_rollout = time.time() - t0
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
