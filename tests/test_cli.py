@@ -187,3 +187,23 @@ def test_every_command_prints_its_help():
         with pytest.raises(SystemExit) as done:
             parser.parse_args([*name.split(), "--help"])
         assert done.value.code == 0, name
+
+
+@pytest.mark.parametrize("command", ["detox", "grpo", "rloo"])
+def test_rollout_engine_vllm_without_vllm_or_a_gpu_is_one_line_before_any_model_loads(command, capsys, tmp_path,
+                                                                                     monkeypatch):
+    """This machine has neither vLLM nor a GPU: --rollout-engine vllm stops at once, says which is missing, loads
+    no model and makes no run folder."""
+    import hhh.models.load
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded before the rollout engine was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hhh.models.load, "load_causal_lm", no_load)
+    assert main([command, "--rollout-engine", "vllm"]) == 2
+    err = capsys.readouterr().err
+    assert "rollout_engine = 'vllm': the vllm package is not installed" in err and err.count("\n") == 1
+    assert not (tmp_path / "runs").exists()
+    assert main([command, "--rollout-engine", "fast"]) == 2
+    assert "rollout" in capsys.readouterr().err

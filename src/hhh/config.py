@@ -223,6 +223,11 @@ class OnlineSettings(PolicyJobSettings):
     val_prompts: int = Field(16, ge=0, description="training prompts held out for the best-checkpoint metric")
     val_every: int = Field(5, gt=0, description="steps between held-out checks")
     checkpoint_every: int = Field(5, gt=0, description="steps between checkpoints")
+    rollout_engine: typing.Literal["hhh", "vllm"] = Field(
+        "hhh", description="hhh's sampler (adapter merged), or vLLM: needs the vllm package and a CUDA GPU; the "
+                           "adapter reaches it every step, log-probs are recomputed by the training model")
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="share of the GPU's memory vLLM may hold (weights and "
+                                                                "KV cache), with --rollout-engine vllm")
 
 
 class DetoxConfig(OnlineSettings):

@@ -88,6 +88,16 @@ def check_prompt_sets(specs) -> None:
         load_prompts(set_and_samples(spec, 1)[0], limit=1)
 
 
+def _check_engine(config) -> None:
+    """--rollout-engine vllm where vLLM cannot run: one line, before any model loads or any folder is made."""
+    if getattr(config, "rollout_engine", "hhh") == "vllm":
+        from hhh.engines import vllm_unavailable
+
+        why = vllm_unavailable()
+        if why:
+            raise ValueError(f"rollout_engine = 'vllm': {why}")
+
+
 def reopen_run(cls: type[Settings], resume: str, console) -> tuple[Any, RunDir]:
     """(the config saved in the run folder `resume`, that folder), to continue it."""
     run = RunDir(resume)
@@ -108,6 +118,7 @@ def open_run(job: Job, config, resume: str | None, console) -> tuple[Any, RunDir
         if not job.resumable:
             raise ValueError(f"hhh {job.command} cannot resume (it saves no checkpoints)")
         config, run = reopen_run(job.config, resume, console)
+        _check_engine(config)
         if job.shares is not None:  # a run may resume on another number of processes
             D.check_divisible(**job.shares(config))
         return config, run, (run.path / "checkpoints" / "last" / "state.json").is_file()
@@ -115,6 +126,7 @@ def open_run(job: Job, config, resume: str | None, console) -> tuple[Any, RunDir
     check_prompt_sets([config.prompts, *config.eval.prompts])
     if job.check is not None:
         job.check(config)
+    _check_engine(config)
     if job.shares is not None:
         D.check_divisible(**job.shares(config))
     return config, _new_run_folder(job.command, config), False

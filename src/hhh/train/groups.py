@@ -26,8 +26,9 @@ from hhh import distributed as D
 from hhh import losses as L
 from hhh import metrics as M
 from hhh.config import GroupSettings
+from hhh.engines import rollout_engine
 from hhh.models.policy import Policy, Tokens
-from hhh.rollout import Rollout, sample
+from hhh.rollout import Rollout
 from hhh.runs import RunDir
 from hhh.train.loop import (
     MINIBATCHES,
@@ -110,6 +111,7 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
     second = build_reward(config.second_scorer, device=config.device)
     policy = build_policy(base, config.lora(), seed=config.seed)
     device = next(policy.parameters()).device
+    rollouts = rollout_engine(config, policy, tokenizer)
     batch_size = config.prompts_per_step * config.group_size
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=0.0)
     scheduler = linear_decay(optimizer, config.steps * epochs * math.ceil(batch_size / config.minibatch_size))
@@ -123,10 +125,7 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             # 1. rollout: G samples per prompt, rows grouped by prompt
             prompts = [p for p in D.shard(step_prompts(train_prompts, config.prompts_per_step, step, config.seed))
                        for _ in range(config.group_size)]
-            with policy.merged():  # the adapter folded into the weights while sampling
-                r = sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                           temperature=config.temperature,
-                           generator=step_generator(config.seed, step, device, rank=D.world().rank))
+            r = rollouts(prompts, step, step_generator(config.seed, step, device, rank=D.world().rank))
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)

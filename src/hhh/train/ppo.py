@@ -23,6 +23,7 @@ from torch import Tensor
 from hhh import distributed as D
 from hhh import metrics as M
 from hhh.config import PPOConfig
+from hhh.engines import rollout_engine
 from hhh.losses import (
     AdaptiveKL,
     gae,
@@ -35,7 +36,7 @@ from hhh.losses import (
 )
 from hhh.models.critic import Critic
 from hhh.models.policy import Policy, Tokens
-from hhh.rollout import Rollout, sample
+from hhh.rollout import Rollout
 from hhh.runs import RunDir
 from hhh.train.loop import (
     MINIBATCHES,
@@ -114,6 +115,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
     policy = build_policy(base, config.lora(), seed=config.seed, init_adapter=config.init_adapter)
     critic = Critic(policy, separate=config.critic == "separate", lora=config.lora(), seed=config.seed)
     device = next(policy.parameters()).device
+    rollouts = rollout_engine(config, policy, tokenizer)
     updates_per_step = config.ppo_epochs * math.ceil(config.batch_size / config.minibatch_size)
     optimizer = torch.optim.AdamW(policy.trainable_parameters() + critic.trainable_parameters(), lr=config.lr,
                                   eps=1e-5, weight_decay=0.0)
@@ -127,10 +129,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
             t0 = time.time()
             batch = D.shard(step_prompts(train_prompts, config.batch_size, step, config.seed))
             # 1. rollout
-            with policy.merged():  # the adapter folded into the weights while sampling
-                r: Rollout = sample(policy.lm, tokenizer, batch, max_new_tokens=config.max_new_tokens,
-                                    temperature=config.temperature,
-                                    generator=step_generator(config.seed, step, device, rank=D.world().rank))
+            r: Rollout = rollouts(batch, step, step_generator(config.seed, step, device, rank=D.world().rank))
             t_rollout = time.time() - t0
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
