@@ -2,8 +2,8 @@
 phase (rollout, reference pass, update, scoring) and by operator.
 
 The same setting as bench/vs_trl.py's GRPO row: 16 completions (4 prompts x 4), 48 new tokens at temperature 0.7,
-fp32, LoRA r 16 on the top 10 layers. The phases are marked by wrapping hhh.train.groups' functions in
-record_function (nothing in hhh changes). Prints two tables; --out FILE also writes them as markdown.
+fp32, LoRA r 16 on the top 10 layers. The phases are marked by wrapping functions of hhh.engines and
+hhh.train.groups in record_function (nothing in hhh changes). Prints two tables; --out FILE also writes them as markdown.
 
     .venv/bin/python bench/profile_step.py [--out docs/profile-grpo.md]
 """
@@ -16,8 +16,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-PHASES = {"sample": "1. rollout (prefill + 48 decode steps)", "old_and_reference_logprobs": "3. reference pass",
-          "update": "5. update (forward + backward + AdamW)"}
+PHASES = {("engines", "sample"): "1. rollout (prefill + 48 decode steps)",
+          ("groups", "old_and_reference_logprobs"): "3. reference pass",
+          ("groups", "update"): "5. update (forward + backward + AdamW)"}
 
 
 def marked(module, name: str, label: str):
@@ -38,6 +39,7 @@ def main() -> None:
 
     from rich.console import Console
 
+    import hhh.engines as engines
     import hhh.train.groups as groups
     from hhh.config import GRPOConfig
     from hhh.models import load_causal_lm, load_tokenizer
@@ -45,8 +47,8 @@ def main() -> None:
     from hhh.runs import RunDir
     from hhh.train.grpo import train
 
-    for name, label in PHASES.items():
-        marked(groups, name, label)
+    for (module, name), label in PHASES.items():
+        marked({"engines": engines, "groups": groups}[module], name, label)
     tok, model = load_tokenizer(DEFAULT_MODEL), load_causal_lm(DEFAULT_MODEL, device="cpu")
     config = GRPOConfig(steps=2, prompts_per_step=4, group_size=4, minibatch_size=16, beta=0.04, lr=1e-3,
                         val_prompts=0, out="/tmp/profile-grpo")
