@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from hhh.rollout import Prompt, Rollout, chat_prompt_ids, left_pad, sample
+from hhh.rollout import Prompt, Rollout, chat_prompt_ids, sample, tokens_from_ids
 
 Rollouts = Callable[[Sequence[Prompt], int, torch.Generator], Rollout]
 
@@ -111,8 +111,6 @@ class VLLMRollouts:
         return self._rollout(list(prompts), seqs, [o.outputs[0] for o in outputs])
 
     def _rollout(self, prompts: list, seqs: list[list[int]], outs: list) -> Rollout:
-        from hhh.rollout import Tokens
-
         device = next(self.policy.parameters()).device
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         responses, ended, theirs = [], [], []
@@ -125,23 +123,17 @@ class VLLMRollouts:
             ended.append(stopped)
             lp = [next(iter(d.values())).logprob if d else 0.0 for d in (o.logprobs or [])]
             theirs.append(lp + [0.0] * (len(responses[-1]) - len(lp)))
-        query_ids, query_mask = left_pad(seqs, pad, device)
-        width = max(len(r) for r in responses)
-        response_ids = torch.full((len(responses), width), pad, dtype=torch.long)
-        response_mask = torch.zeros((len(responses), width), dtype=torch.long)
-        vllm_logprobs = torch.zeros((len(responses), width))
-        for i, r in enumerate(responses):
-            response_ids[i, : len(r)] = torch.tensor(r)
-            response_mask[i, : len(r)] = 1
-            vllm_logprobs[i, : len(r)] = torch.tensor(theirs[i][: len(r)])
-        response_ids, response_mask = response_ids.to(device), response_mask.to(device)
-        tokens = Tokens(query_ids, query_mask, response_ids, response_mask)
+        tokens = tokens_from_ids(seqs, responses, pad, device)  # prompts left-padded, responses right-padded
+        width = tokens.response_ids.shape[1]
+        vllm_logprobs = torch.tensor([lp[: len(r)] + [0.0] * (width - len(r)) for lp, r in zip(theirs, responses,
+                                                                                              strict=True)])
         with torch.no_grad():  # the training model's log-probs of vLLM's tokens: what the losses compare against
             ours = torch.cat([self.policy(tokens[i : i + self.config.micro_batch_size],
                                           temperature=self.config.temperature).logprobs
                               for i in range(0, len(tokens), self.config.micro_batch_size)])
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        return Rollout(prompts=prompts, query_ids=query_ids, query_mask=query_mask, response_ids=response_ids,
-                       response_mask=response_mask, logprobs=ours * response_mask,
+        mask = tokens.response_mask
+        return Rollout(prompts=prompts, query_ids=tokens.query_ids, query_mask=tokens.query_mask,
+                       response_ids=tokens.response_ids, response_mask=mask, logprobs=ours * mask,
                        ended=torch.tensor(ended, device=device), texts=[t.strip() for t in texts],
-                       logprobs_t1=vllm_logprobs.to(device) * response_mask, prefilled=len(seqs))
+                       logprobs_t1=vllm_logprobs.to(device) * mask, prefilled=len(seqs))
