@@ -150,3 +150,31 @@ def chat_ids(tokenizer, prompts):
     from hhh.rollout import chat_prompt_ids
 
     return chat_prompt_ids(tokenizer, prompts)
+
+
+def test_vllm_rollout_in_bf16_is_not_recomputed_a_second_time(tokenizer, monkeypatch):
+    """In bf16 the critic-free methods recompute the sampler's old log-probs through the training forward; a vLLM
+    rollout's log-probs already come from it, so step 3 runs only the reference passes over it."""
+    from hhh.config import GRPOConfig
+    from hhh.engines import VLLMRollouts
+    from hhh.models import tiny_causal_lm
+    from hhh.models.policy import Policy, build_policy
+    from hhh.train.groups import old_and_reference_logprobs
+
+    fake_vllm(monkeypatch)
+    monkeypatch.setattr("hhh.engines.model_folder", lambda spec: "/base")
+    eos = tokenizer.eos_token_id
+    config = GRPOConfig(model="bundled:smollm2-135m-instruct", max_new_tokens=4, lora_r=4, lora_layers=2,
+                        micro_batch_size=2, dtype="bfloat16")
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4).to(torch.bfloat16), config.lora(), seed=0)
+    _perturb(policy, 0)
+    engine = VLLMRollouts(config, policy, tokenizer)
+    _FakeLLM.script = [([300, 301, eos], "stop"), ([302], "stop"), ([303, 304, 305, 306], "length"), ([307], "stop")]
+    r = engine.sample(PROMPTS, 0, torch.Generator().manual_seed(0))
+    passes = []
+    forward = Policy.forward
+    monkeypatch.setattr(Policy, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
+    with policy.frozen_trunk(r.tokens, micro_batch_size=2):
+        old, _ = old_and_reference_logprobs(policy, r, micro_batch_size=2, temperature=config.temperature)
+    assert len(passes) == 2  # the reference's two micro-batches, no second policy pass
+    assert torch.equal(old, r.logprobs)

@@ -136,4 +136,4 @@ class VLLMRollouts:
         return Rollout(prompts=prompts, query_ids=tokens.query_ids, query_mask=tokens.query_mask,
                        response_ids=tokens.response_ids, response_mask=mask, logprobs=ours * mask,
                        ended=torch.tensor(ended, device=device), texts=[t.strip() for t in texts],
-                       logprobs_t1=vllm_logprobs.to(device) * mask, prefilled=len(seqs))
+                       logprobs_t1=vllm_logprobs.to(device) * mask, prefilled=len(seqs), trainer_logprobs=True)

@@ -58,6 +58,7 @@ class Rollout:
     texts: list[str]  # decoded completions without special tokens
     logprobs_t1: Tensor | None = None  # (B, R) log-probs of the same tokens at temperature 1 (for perplexity)
     prefilled: int = 0  # prompt rows that went through the prefill (fewer than B when a group shared one)
+    trainer_logprobs: bool = False  # `logprobs` came from the training forward (another engine sampled), not the cache
 
     @property
     def lengths(self) -> Tensor:  # (B,) completion tokens, EOS included

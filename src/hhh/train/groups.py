@@ -68,8 +68,9 @@ def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int
 
     In fp32 the sampler's log-probs (KV cache, adapter merged) equal a fresh forward to ~1e-5 and serve as the old policy's (one
     policy pass fewer per step); in bf16/fp16 they differ by up to ~5e-2, which would clip the first ratio, so the
-    old log-probs are then recomputed through the training forward."""
-    recompute = policy.lm.get_base_model().dtype != torch.float32
+    old log-probs are then recomputed through the training forward, unless they already came from it (another
+    engine sampled: hhh.engines.VLLMRollouts)."""
+    recompute = policy.lm.get_base_model().dtype != torch.float32 and not r.trainer_logprobs
     tokens = r.tokens
     olds, refs = [], []
     for s in chunks(len(tokens), micro_batch_size):
