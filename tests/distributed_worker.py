@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under `accelerate launch` with 2 processes: each collective of hhh.distributed on
-the ranks' halves of a batch against the same computation on the whole batch in one process."""
+the ranks' halves of a batch against the same computation on the whole batch in one process, and an evaluation
+split between the ranks."""
 
 import torch
 
@@ -49,4 +50,31 @@ alone = step(slice(0, 7), scale=1.0)
 D._WORLD = saved
 for a, b in zip(distributed, alone, strict=True):
     torch.testing.assert_close(a, b)
+
+# evaluation: each rank samples its consecutive share (rank 0 with a single process's seed), every rank gets the
+# metrics and samples of the whole set, in order
+from hhh.config import EvalConfig  # noqa: E402
+from hhh.evaluate import evaluate_set, evaluation_seed  # noqa: E402
+from hhh.models import DEFAULT_MODEL, load_tokenizer, tiny_causal_lm  # noqa: E402
+from hhh.rewards.builtin import Sentiment, Toxicity  # noqa: E402
+
+tokenizer = load_tokenizer(DEFAULT_MODEL)
+model = tiny_causal_lm(tokenizer, seed=0)
+prompts = ["Say hi", "Name a colour", "What is 2 + 2?", "Tell me a joke", "Describe the sea"]
+config = EvalConfig(samples_per_prompt=1, batch_size=2, max_new_tokens=5, seed=3)
+judges = {"reward": Toxicity(), "toxicity": Toxicity(), "sentiment": Sentiment()}
+sampled: list[int] = []
+split = evaluate_set(model, tokenizer, "set", prompts, config, **judges, has_adapter=False, progress=sampled.append)
+assert sum(sampled) == (2 if w.rank == 0 else 3), sampled  # this rank's share only
+assert [s["prompt"] for s in split.samples] == prompts and split.metrics["n"] == 5
+assert D.broadcast(split.samples) == split.samples and D.broadcast(split.metrics) == split.metrics
+whole = torch.tensor([s["offensive"] for s in split.samples])
+assert abs(split.metrics["toxicity/mean"] - float(whole.mean())) < 1e-7  # over the whole set, not this rank's share
+saved, D._WORLD = D._WORLD, D.World()  # each share again in one process, with that rank's seed
+for rank, share in ((0, slice(0, 2)), (1, slice(2, 5))):
+    alone = evaluate_set(model, tokenizer, "set", prompts[share], config.model_copy(update={
+        "seed": evaluation_seed(config.seed, rank)}), **judges, has_adapter=False)
+    assert alone.samples == split.samples[share], rank
+D._WORLD = saved
+assert evaluation_seed(config.seed, 0) == config.seed  # rank 0's share is what a single process samples first
 print(f"rank {w.rank}: ok", flush=True)

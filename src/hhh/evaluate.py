@@ -113,15 +113,25 @@ def _kl_and_nll(model, rollout, temperature: float, has_adapter: bool, chunk: in
     return torch.cat(k1s), torch.cat(k3s), torch.cat(nlls)
 
 
+def evaluation_seed(seed: int, rank: int) -> int:
+    """The sampling seed of one process's share of an evaluation: `seed` itself on rank 0 (a single process's),
+    a stream of its own on every other rank."""
+    return seed if rank == 0 else int(np.random.default_rng([seed, rank]).integers(2**62))
+
+
 def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *, reward, toxicity, sentiment,
                  has_adapter: bool, progress=None) -> SetResult:
+    """Sample, score and measure one prompt set. Under a launcher (hhh.distributed) each rank samples and scores
+    its consecutive share of the completions with its own seed, and every rank gets the metrics of all of them."""
     import torch
 
+    from hhh import distributed as D
     from hhh.rollout import sample
 
-    expanded = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    everything = [p for p in prompts for _ in range(config.samples_per_prompt)]
+    expanded = D.shard(everything)
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    generator = torch.Generator(device=device).manual_seed(evaluation_seed(config.seed, D.world().rank))
     texts, lengths, ended, kls, k3s, nlls = [], [], [], [], [], []
     for start in range(0, len(expanded), config.batch_size):
         batch = expanded[start : start + config.batch_size]
@@ -141,38 +151,42 @@ def evaluate_set(model, tokenizer, name: str, prompts: Sequence[str], config, *,
         nlls += nll.tolist()
         if progress is not None:
             progress(len(batch))
-    offensive = toxicity.offensive(texts).numpy()
-    polarity = sentiment.polarity(texts)
-    vader_neg = np.array([p["neg"] for p in polarity])
-    vader_compound = np.array([p["compound"] for p in polarity])
-    rewards = reward.score(expanded, texts).numpy()
-    n_tokens = float(np.sum(lengths))
+    offensive, polarity = toxicity.offensive(texts).tolist(), sentiment.polarity(texts)
+    rewards = reward.score(expanded, texts).tolist() if texts else []
+    mine = [{"prompt": p, "completion": t, "offensive": o, "vader_neg": v["neg"], "vader_compound": v["compound"],
+             "reward": r, "tokens": n, "ended": e, "kl": k1, "kl_k3": k3, "nll": nll}
+            for p, t, o, v, r, n, e, k1, k3, nll in zip(expanded, texts, offensive, polarity, rewards, lengths, ended,
+                                                        kls, k3s, nlls, strict=True)]
+    rows = D.gather_lists(mine)  # every rank's completions, in the order of the whole set (consecutive shares)
+
+    def column(key: str, dtype=None) -> np.ndarray:
+        return np.array([row[key] for row in rows], dtype=dtype)
+
+    texts = [row["completion"] for row in rows]
+    n_tokens = float(column("tokens").sum())
     refusals, refused = refusal_rate(texts)
     metrics: dict[str, Any] = {
-        "n": len(texts),
-        **toxicity_summary(offensive, seed=config.seed),
+        "n": len(rows),
+        **toxicity_summary(column("offensive", np.float32), seed=config.seed),  # float32 as the classifier gives
         # an independent judge: a lexicon scorer shares no model or training data with the classifier
-        M.VADER_NEG: float(vader_neg.mean()),
-        M.VADER_NEGATIVE: float((vader_compound < -0.5).mean()),
-        M.REWARD_MEAN: float(rewards.mean()),
+        M.VADER_NEG: float(column("vader_neg").mean()),
+        M.VADER_NEGATIVE: float((column("vader_compound") < -0.5).mean()),
+        M.REWARD_MEAN: float(column("reward", np.float32).mean()),
         M.REFUSAL_RATE: refusals,
-        M.LENGTH: float(np.mean(lengths)),
+        M.LENGTH: float(column("tokens").mean()),
         M.LENGTH_WORDS: float(np.mean([len(t.split()) for t in texts])),
-        M.EOS_RATE: float(np.mean(ended)),
+        M.EOS_RATE: float(column("ended").mean()),
         M.DISTINCT_1: distinct_n(texts, 1),
         M.DISTINCT_2: distinct_n(texts, 2),
         M.REPETITION_3: repetition_rate(texts, 3),
-        M.PPL_BASE: float(math.exp(np.sum(nlls) / n_tokens)) if n_tokens else math.nan,
+        M.PPL_BASE: float(math.exp(column("nll").sum() / n_tokens)) if n_tokens else math.nan,
     }
     if has_adapter:
-        metrics[M.KL_EVAL] = float(np.mean(kls))
-        metrics[M.KL_EVAL_K3] = float(np.mean(k3s))
-        metrics[M.KL_EVAL_PER_TOKEN] = float(np.sum(kls) / n_tokens) if n_tokens else 0.0
-    samples = [
-        {"prompt": p, "completion": t, "offensive": float(o), "vader_compound": float(c), "reward": float(r),
-         "refusal": f}
-        for p, t, o, c, r, f in zip(expanded, texts, offensive, vader_compound, rewards, refused, strict=True)
-    ]
+        metrics[M.KL_EVAL] = float(column("kl").mean())
+        metrics[M.KL_EVAL_K3] = float(column("kl_k3").mean())
+        metrics[M.KL_EVAL_PER_TOKEN] = float(column("kl").sum() / n_tokens) if n_tokens else 0.0
+    samples = [{**{k: row[k] for k in ("prompt", "completion", "offensive", "vader_compound", "reward")}, "refusal": f}
+               for row, f in zip(rows, refused, strict=True)]
     return SetResult(name, metrics, samples)
 
 
@@ -186,6 +200,7 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag:
     """
     from rich.progress import Progress
 
+    from hhh import distributed as D
     from hhh.data import load_prompts
     from hhh.models import load_adapter, load_causal_lm, load_tokenizer
     from hhh.rewards import build_reward
@@ -212,13 +227,13 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag:
                                sentiment=sentiment, has_adapter=has_adapter,
                                progress=lambda k, t=task: bar.advance(t, k))
             results[spec] = res.metrics
-            if run is not None:
+            if run is not None and D.world().main:
                 with open(run.path / samples_file(spec, tag), "w") as f:
                     import json
 
                     for row in res.samples:
                         f.write(json.dumps(row) + "\n")
-    if run is not None:
+    if run is not None and D.world().main:
         run.write_json(f"eval_{tag}.json" if tag else "eval.json", results)
     return results
 

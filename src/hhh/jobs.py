@@ -8,8 +8,8 @@
 
 A new method is one file in hhh.train with a `train` function of that signature, plus one row in JOBS.
 
-Under `accelerate launch` (hhh.distributed) rank 0 makes the run folder, evaluates and writes the report; every
-rank trains its share.
+Under `accelerate launch` (hhh.distributed) rank 0 makes the run folder and writes the evaluations and the report;
+every rank trains and evaluates its share.
 """
 
 from __future__ import annotations
@@ -184,11 +184,9 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     tokenizer = load_tokenizer(config.model)
     base = load_causal_lm(config.model, device=D.device(config.device), dtype=config.dtype)
     main = D.world().main
-    # 2. before: the base model, or the adapter training starts from (rank 0 only)
-    if not main:
-        before = None
-    elif (run.path / "eval_before.json").is_file():
-        before = run.read_json("eval_before.json")
+    # 2. before: the base model, or the adapter training starts from (every rank samples its share)
+    if D.broadcast((run.path / "eval_before.json").is_file()):  # rank 0's folder decides
+        before = run.read_json("eval_before.json") if main else None
     else:
         console.print("[bold]1/4 evaluating the model before training")
         start = getattr(config, "init_adapter", None)
@@ -201,14 +199,14 @@ def _evaluate_train_evaluate(job: Job, config, run: RunDir, console, resume: boo
     if trained.stopped == "interrupted":
         console.print(f"[yellow]stopped early; continue with: hhh {job.command} --resume {run.path}")
         return run
-    if not main:
-        return run
     if trained.summary.get("best_step") is not None:
         console.print(f"best held-out checkpoint: step {trained.summary['best_step']} ({run.path / 'best'})")
     # 4. after
     console.print("[bold]3/4 evaluating the trained adapter")
     after = evaluate(config.eval_config(adapter=str(run.path / "adapter")), model=trained.model, tokenizer=tokenizer,
                      run=run, console=console)
+    if not main:
+        return run
     run.write_json("summary.json", {**trained.summary, "stopped": trained.stopped, "adapter": str(run.path / "adapter")})
     # 5. report
     console.print("[bold]4/4 report")
