@@ -221,7 +221,7 @@ def evaluate(config, *, model=None, tokenizer=None, run=None, console=None, tag:
     results: dict[str, dict[str, Any]] = {}
     with Progress(console=console, transient=True) as bar:
         for spec, (prompts, n) in sets.items():
-            task = bar.add_task(f"eval {spec}", total=len(prompts) * n)
+            task = bar.add_task(f"eval {spec}", total=len(D.shard(range(len(prompts) * n))))  # this rank's share
             res = evaluate_set(model, tokenizer, spec, prompts, config.model_copy(update={"samples_per_prompt": n}),
                                reward=reward, toxicity=toxicity,
                                sentiment=sentiment, has_adapter=has_adapter,
