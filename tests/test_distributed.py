@@ -101,13 +101,25 @@ def test_detox_on_two_processes(tiny_dir, tmp_path):
     assert (out / "adapter" / "value_head.pt").is_file() and (out / "eval.json").is_file()
 
 
+def test_eval_on_two_processes_writes_one_run_with_the_whole_set(tiny_dir, tmp_path):
+    out = tmp_path / "eval"
+    proc = launch("-m", "hhh.cli", "eval", "--model", tiny_dir, "--prompts", "redteam:eval,benign:eval*2",
+                  "--max-prompts", "3", "--samples-per-prompt", "1", "--max-new-tokens", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("hhh eval:") == 1  # the table, printed by rank 0 only
+    assert json.loads((out / "meta.json").read_text())["processes"] == 2
+    results = json.loads((out / "eval.json").read_text())
+    assert results["redteam:eval"]["n"] == 3 and results["benign:eval"]["n"] == 6
+    assert len((out / "samples_benign_eval.jsonl").read_text().splitlines()) == 6
+
+
 def test_what_cannot_split_says_so_before_loading_a_model(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as accelerate launch sets it (no process group is joined for these)
     assert main(["grpo", "--prompts-per-step", "3", "--out", str(tmp_path / "g")]) == 2
     assert "prompts_per_step=3 must be a multiple of the 2 processes" in capsys.readouterr().err
     assert main(["detox", "--batch-size", "8", "--minibatch-size", "3", "--out", str(tmp_path / "d")]) == 2
     assert "minibatch_size=3 must be a multiple of the 2 processes" in capsys.readouterr().err
-    for argv in (["sft", "--data", "x.jsonl"], ["eval", "--out", str(tmp_path / "e")]):
+    for argv in (["sft", "--data", "x.jsonl"], ["frontier", "--out", str(tmp_path / "f")]):
         assert main(argv) == 2
         assert "runs on one process: start it without accelerate launch" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

@@ -57,18 +57,21 @@ def _settings(args: argparse.Namespace, cls: type[Settings]):
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from hhh import distributed as D
     from hhh.data import load_prompts
     from hhh.evaluate import evaluate, results_table, set_and_samples
-    from hhh.runs import RunDir, seed_everything
+    from hhh.jobs import new_run_folder
+    from hhh.runs import seed_everything
 
     config = _settings(args, EvalConfig)
     for spec in config.prompts:  # fail on a bad prompt set before loading any model
         load_prompts(set_and_samples(spec, 1)[0])
-    console = Console()
-    run = RunDir.create("eval", config, config.out)
+    # under accelerate launch each process samples its share of every set (hhh.distributed); rank 0 writes and speaks
+    console = Console(quiet=D.launched_rank() != 0)
+    run = new_run_folder("eval", config)
     seed_everything(config.seed)
     with run.removed_on_error():
-        results = evaluate(config, run=run, console=console)
+        results = evaluate(config.model_copy(update={"device": D.device(config.device)}), run=run, console=console)
     console.print(results_table(results, title=f"hhh eval: {config.model}" + (f" + {config.adapter}" if config.adapter else "")))
     console.print(f"run folder: {run.path}")
     return 0
@@ -708,13 +711,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _one_process_unless_distributed(command: str) -> None:
-    """Under accelerate launch / torchrun only the jobs that split their work (hhh.distributed) may run: any other
-    command would run once per process, each writing the same files."""
+    """Under accelerate launch / torchrun only the commands that split their work (hhh.distributed) may run: any
+    other command would run once per process, each writing the same files."""
     import os
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (command not in JOBS or JOBS[command].shares is None):
+    splits = {"eval"} | {c for c, j in JOBS.items() if j.shares is not None}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and command not in splits:
         raise ValueError(f"runs on one process: start it without accelerate launch or torchrun (those run "
-                         f"{', '.join(sorted(c for c, j in JOBS.items() if j.shares is not None))})")
+                         f"{', '.join(sorted(splits))})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,10 +129,10 @@ def open_run(job: Job, config, resume: str | None, console) -> tuple[Any, RunDir
     _check_engine(config)
     if job.shares is not None:
         D.check_divisible(**job.shares(config))
-    return config, _new_run_folder(job.command, config), False
+    return config, new_run_folder(job.command, config), False
 
 
-def _new_run_folder(command: str, config) -> RunDir:
+def new_run_folder(command: str, config) -> RunDir:
     """RunDir.create; on several processes rank 0 makes it (or fails) and the others open the same folder."""
     from hhh import distributed as D
 
