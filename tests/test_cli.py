@@ -178,6 +178,28 @@ def test_a_failed_resume_keeps_the_folder_it_was_given(tmp_path):
     assert (kept.path / "eval_before.json").is_file()
 
 
+def test_two_writers_of_one_run_file_do_not_collide(tmp_path, monkeypatch):
+    """Two processes of one run (accelerate launch) may write the same JSON file at once; each writes its own
+    temporary file, so the second's rename does not find the first's moved away (a 2-process DPO run once failed so).
+    The other writer is made to write between this one's temporary file and its rename."""
+    import os
+
+    from hhh.runs import RunDir
+
+    run = RunDir(tmp_path)
+    rename, interleaved = os.replace, []
+
+    def other_writer_first(src, dst):
+        if not interleaved:
+            interleaved.append(True)
+            run.write_json("pairs.json", {"writer": 2})
+        rename(src, dst)
+
+    monkeypatch.setattr("hhh.runs.os.replace", other_writer_first)
+    run.write_json("pairs.json", {"writer": 1})
+    assert run.read_json("pairs.json") == {"writer": 1} and [p.name for p in tmp_path.iterdir()] == ["pairs.json"]
+
+
 def test_every_command_prints_its_help():
     """A setting's description may hold any character (a '%' once broke `hhh cai --help`: argparse formats help)."""
     from hhh.cli import COMMANDS, build_parser

@@ -85,10 +85,14 @@ class RunDir:
             raise
 
     def write_json(self, name: str, obj: Any) -> Path:
+        """Write `name` whole or not at all: a reader never sees half a file, and writers of the same file at once
+        (the processes of one run) each rename their own temporary file, the last one winning."""
+        import uuid
+
         target = self.path / name
-        tmp = target.with_suffix(target.suffix + ".tmp")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(obj, indent=2, default=float))
-        os.replace(tmp, target)  # a reader never sees half a file
+        os.replace(tmp, target)
         return target
 
     def read_json(self, name: str) -> Any:

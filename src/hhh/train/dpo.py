@@ -180,7 +180,8 @@ def train(config: DPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
     pairs = load_pairs(config, skip_ties=True) if config.data else build_pairs(config, base, tokenizer, console)
     if not len(pairs):
         raise ValueError("no preference pairs to train on (lower --min-gap, or give --data)")
-    run.write_json("pairs.json", {"pairs": len(pairs), "source": config.data or f"sampled from {config.model}"})
+    if D.world().main:  # rank 0 writes the run's files
+        run.write_json("pairs.json", {"pairs": len(pairs), "source": config.data or f"sampled from {config.model}"})
     policy = train_dpo(config, run, pairs, base=base, tokenizer=tokenizer, console=console)
     return Trained(policy.lm, {"pairs": len(pairs), "loss": config.loss})
 
