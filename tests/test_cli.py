@@ -200,6 +200,18 @@ def test_two_writers_of_one_run_file_do_not_collide(tmp_path, monkeypatch):
     assert run.read_json("pairs.json") == {"writer": 1} and [p.name for p in tmp_path.iterdir()] == ["pairs.json"]
 
 
+def test_a_failed_run_file_write_leaves_no_temporary_file(tmp_path):
+    """A write that fails (here the target's name is taken by a folder, so the rename fails) raises and leaves the run
+    folder as it was: no hidden temporary file behind."""
+    from hhh.runs import RunDir
+
+    run = RunDir(tmp_path)
+    (tmp_path / "pairs.json").mkdir()
+    with pytest.raises(OSError):
+        run.write_json("pairs.json", {"writer": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.json"] and (tmp_path / "pairs.json").is_dir()
+
+
 def test_every_command_prints_its_help():
     """A setting's description may hold any character (a '%' once broke `hhh cai --help`: argparse formats help)."""
     from hhh.cli import COMMANDS, build_parser

@@ -91,8 +91,13 @@ class RunDir:
 
         target = self.path / name
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(obj, indent=2, default=float))
-        os.replace(tmp, target)
+        text = json.dumps(obj, indent=2, default=float)
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return target
 
     def read_json(self, name: str) -> Any:
