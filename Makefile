@@ -35,15 +35,22 @@ detox: setup
 # Debian packages the tests use, installed here when missing: Chromium (browser tests, driven by Playwright
 # with executable_path), the PostgreSQL server (the store's tests run on SQLite and on PostgreSQL) and Node.js
 # (llama.cpp's prebuilt binary comes with the npm package node-llama-cpp, for the GGUF export test), and bubblewrap,
-# prlimit, setpriv and Debian's python3 for the PAL sandbox (hhh.apps.sandbox).
+# prlimit, setpriv and Debian's python3 for the PAL sandbox (hhh.apps.sandbox). Each package is asked for
+# only when its command is missing: asking for all at once fails where Node.js came from NodeSource, whose nodejs
+# conflicts with Debian's npm.
 system:
-	@{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && \
-	  { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null; } && \
-	  command -v node >/dev/null && command -v npm >/dev/null && command -v bwrap >/dev/null && \
-	  command -v prlimit >/dev/null && command -v setpriv >/dev/null && [ -x /usr/bin/python3 ] || { \
+	@missing=""; \
+	{ command -v chromium || command -v chromium-browser; } >/dev/null || missing="$$missing chromium"; \
+	{ ls /usr/lib/postgresql/*/bin/initdb || command -v initdb; } >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v bwrap >/dev/null || missing="$$missing bubblewrap"; \
+	{ command -v prlimit && command -v setpriv; } >/dev/null || missing="$$missing util-linux"; \
+	[ -x /usr/bin/python3 ] || missing="$$missing python3"; \
+	[ -z "$$missing" ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium postgresql nodejs npm bubblewrap \
-	    util-linux python3 >/dev/null; }
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; }
 
 # llama.cpp for the GGUF round-trip test: node-llama-cpp at the version in tests/llama_cpp/package-lock.json
 # (its prebuilt linux-x64 binary; no compiler involved).
