@@ -90,3 +90,25 @@ def test_gguf_conversion_is_cached_and_matches_the_gguf_weights(tmp_path, monkey
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_conversion)
     assert spec_mod.convert_gguf(gguf, progress=False) == folder
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_on_a_cpu_without_its_matmul_instructions_says_it_will_be_slow(tiny_dir, dtype, capsys):
+    """bf16/fp16 weights on a CPU whose oneDNN has no native kernels for them (an AVX2-only CPU: no avx512_bf16,
+    avx512_fp16 or AMX) run their multiplies several times slower than fp32; loading such a model says so in one
+    line on stderr. Where the kernels exist (this test then checks the other side), nothing is said."""
+    import torch
+
+    from hhh.models.load import load_causal_lm
+
+    native = {"bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+              "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]()
+    model = load_causal_lm(tiny_dir, device="cpu", dtype=dtype)
+    assert next(model.parameters()).dtype == getattr(torch, dtype)
+    said = [line for line in capsys.readouterr().err.splitlines() if "slower than float32" in line]
+    if native:
+        assert said == []
+    else:
+        assert len(said) == 1 and dtype in said[0] and "bench/matmul_dtypes.py" in said[0]
+    load_causal_lm(tiny_dir, device="cpu", dtype="float32")
+    assert "slower than float32" not in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,20 @@ def load_causal_lm(spec: str, *, device: str = "auto", dtype: str = "float32"):
         raise load_error(spec, e) from e
     model.to(pick_device(device))  # type: ignore[arg-type]  # transformers' stubs type .to as a decorator
     model.eval()  # dropout off: PPO ratios must be 1 at the first minibatch
+    if model.device.type == "cpu" and dtype != "float32" and not cpu_has_native(dtype):
+        print(f"hhh: {spec}: dtype {dtype} on this CPU runs slower than float32 (its oneDNN has no native {dtype} "
+              f"matmuls: no avx512_bf16/avx512_fp16/AMX); bench/matmul_dtypes.py measures by how much",
+              file=sys.stderr, flush=True)
     return model
+
+
+def cpu_has_native(dtype: str) -> bool:
+    """Whether this CPU multiplies `dtype` ("bfloat16"/"float16") with native instructions (oneDNN's own check).
+    Without them torch emulates the format in fp32 and converts every operand: 2-7x slower than fp32 on an AVX2
+    EPYC (docs/profile-rollout.md)."""
+    check = {"bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+             "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[dtype]
+    return bool(check())
 
 
 @dataclass(frozen=True)
