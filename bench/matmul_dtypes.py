@@ -3,7 +3,9 @@ model runs (64 rows: a batch of 64 sequences, one new token each) and at 2048^3:
 fp32 time measured in the same run.
 
 The question it answers (docs/profile-rollout.md): whether the rollout bound "no sampler beats generate by more
-than generate's time / its matmul time" is a bound of the model or only of the fp32 kernels.
+than generate's time / its matmul time" is a bound of the model or only of the fp32 kernels. The answer depends on
+the CPU: with avx512_bf16 or AMX (e.g. an EPYC Zen 4) bf16 ran 3-4.7x faster here, on an AVX2-only EPYC (Zen 3)
+2.3-6.8x slower; the first line says which kind this CPU is.
 
     .venv/bin/python bench/matmul_dtypes.py [--rows 64] [--threads N]
 """
@@ -39,7 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} threads")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # what hhh.models.load.cpu_has_native asks
+    print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bf16 matmuls (oneDNN): {'yes' if native else 'no: bf16 is emulated and slower than fp32'}")
     print("| matmul | fp32 ms | bf16 ms | bf16 / fp32 time | fp32 GFLOP/s | bf16 GFLOP/s |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, m, k, n in [(f"{s} ({args.rows} x {k} @ {k} x {n})", args.rows, k, n) for s, k, n in SHAPES] + [
