@@ -41,7 +41,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()  # what hhh.models.load.cpu_has_native asks
+    from hhh.models.load import cpu_has_native
+
+    native = cpu_has_native("bfloat16")
     print(f"torch {torch.__version__}, {args.threads} threads, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bf16 matmuls (oneDNN): {'yes' if native else 'no: bf16 is emulated and slower than fp32'}")
     print("| matmul | fp32 ms | bf16 ms | bf16 / fp32 time | fp32 GFLOP/s | bf16 GFLOP/s |")
