@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -112,3 +113,39 @@ def test_half_precision_on_a_cpu_without_its_matmul_instructions_says_it_will_be
         assert len(said) == 1 and dtype in said[0] and "bench/matmul_dtypes.py" in said[0]
     load_causal_lm(tiny_dir, device="cpu", dtype="float32")
     assert "slower than float32" not in capsys.readouterr().err
+
+
+def _small_gguf(path: Path, pre: str) -> Path:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_string("tokenizer.ggml.pre", pre)
+    writer.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    writer.add_tensor("w", np.zeros((2, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_scalar_fields_are_read_once_per_file_version(tmp_path, monkeypatch):
+    """Reading a GGUF's metadata parses every array in it (the bundled file's 49k-token vocabulary: ~10 s on a slow
+    CPU, paid by every `hhh export`). The scalar fields are kept beside the conversion cache and read again only when
+    the file changes."""
+    import gguf
+
+    monkeypatch.setenv("HHH_HOME", str(tmp_path / "home"))
+    reads = []
+    real = gguf.GGUFReader
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *a, **k: reads.append(a) or real(*a, **k))
+    path = _small_gguf(tmp_path / "m.gguf", "smollm")
+    fields = spec_mod.gguf_scalar_fields(path)
+    assert fields["tokenizer.ggml.pre"] == "smollm" and fields["general.architecture"] == "llama"
+    assert "tokenizer.ggml.tokens" not in fields  # arrays are not kept
+    assert spec_mod.gguf_scalar_fields(path) == fields and len(reads) == 1
+    spec_mod._scalar_fields.cache_clear()  # a new process: the file beside the cache answers
+    assert spec_mod.gguf_scalar_fields(path) == fields and len(reads) == 1
+    path.unlink()
+    _small_gguf(path, "gpt-2-longer")  # another file under the same name: read again
+    assert spec_mod.gguf_scalar_fields(path)["tokenizer.ggml.pre"] == "gpt-2-longer" and len(reads) == 2

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
@@ -81,6 +83,37 @@ def _cache_dir_for(gguf: Path) -> Path:
     # Size + mtime identify the file well enough and cost nothing; a reinstall simply converts again.
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     return hhh_home() / "models" / f"{gguf.stem}-{key}"
+
+
+def gguf_scalar_fields(gguf: str | Path) -> dict[str, str | int | float | bool]:
+    """A GGUF file's metadata fields that are single values (arrays such as the vocabulary left out).
+
+    gguf-py's reader parses every field eagerly, the 49k-entry vocabulary and merges included (~10 s on a slow CPU),
+    so the answer is kept in memory and in a JSON file beside the conversion cache, both keyed like it by the
+    file's path, size and mtime: a file is read once per version."""
+    path = Path(gguf).resolve()
+    stat = path.stat()
+    return dict(_scalar_fields(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@lru_cache(maxsize=8)
+def _scalar_fields(path: str, size: int, mtime_ns: int) -> dict[str, str | int | float | bool]:
+    kept = _cache_dir_for(Path(path))
+    kept = kept.with_name(f"{kept.name}.fields.json")
+    if kept.is_file():
+        try:
+            return json.loads(kept.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass  # unreadable (e.g. cut short): read the GGUF again
+    import gguf
+
+    fields = {key: field.contents() for key, field in gguf.GGUFReader(path).fields.items()
+              if not key.startswith("GGUF.") and field.types and field.types[0] != gguf.GGUFValueType.ARRAY}
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_name(f"{kept.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(fields), encoding="utf-8")
+    os.replace(tmp, kept)
+    return fields
 
 
 def _is_complete(folder: Path) -> bool:

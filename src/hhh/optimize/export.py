@@ -244,10 +244,10 @@ def pre_tokenizer_of(spec: str) -> str | None:
     origin = gguf_origin(spec)
     if origin is None:
         return None
-    import gguf
+    from hhh.models.spec import gguf_scalar_fields
 
-    field = gguf.GGUFReader(str(origin)).fields.get("tokenizer.ggml.pre")
-    return str(field.contents()) if field is not None else None
+    pre = gguf_scalar_fields(origin).get("tokenizer.ggml.pre")
+    return str(pre) if pre is not None else None
 
 
 def export_gguf(path: str, out: str | Path, *, quant: str = "f16", model: str | None = None,
