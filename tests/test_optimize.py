@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hhh.cli import main
 from hhh.models import DEFAULT_MODEL
-from hhh.models.load import LoraSettings, attach_lora, load_adapter, load_causal_lm
+from hhh.models.load import LoraSettings, attach_lora, load_adapter, load_causal_lm, load_tokenizer
 from hhh.models.spec import bundled_gguf_path
 from hhh.optimize.export import export_gguf, rotary_permute
 from hhh.optimize.merge import find_source
@@ -232,15 +232,27 @@ def exported(tmp_path_factory):
     return folder, {q: export_gguf(str(run), folder / f"model.{q}.gguf", quant=q) for q in ("f16", "q8_0")}
 
 
-@pytest.mark.slow
-def test_llama_cpp_greedy_output_of_the_f16_export_equals_transformers(exported, tmp_path, monkeypatch):
-    """llama.cpp and transformers decode the same tokens from the f16 file; hhh also takes it as a model spec."""
+@pytest.fixture(scope="module")
+def decoded(exported):
+    """Each exported file taken by hhh as a model spec (converted once, into this module's own cache), with its
+    tokenizer, the chat-templated QUESTIONS and transformers' greedy answers to them: what the llama.cpp checks
+    compare against."""
     folder, files = exported
-    out = files["f16"]
-    monkeypatch.setenv("HHH_HOME", str(tmp_path / "home"))  # the spec's conversion cache: not the user's
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=out.name)
-    prompts = [ids_of(tokenizer, q)[0].tolist() for q in QUESTIONS]
-    expected = transformers_greedy(load_causal_lm(str(out), device="cpu"), prompts, 20, tokenizer.eos_token_id)
+    out = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HHH_HOME", str(folder / "home"))  # the spec's conversion cache: not the user's
+        for quant, path in files.items():
+            model = load_causal_lm(str(path), device="cpu").eval()
+            tokenizer = load_tokenizer(str(path))
+            prompts = [ids_of(tokenizer, q)[0].tolist() for q in QUESTIONS]
+            out[quant] = (path, model, prompts, transformers_greedy(model, prompts, 20, tokenizer.eos_token_id))
+    return out
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_output_of_the_f16_export_equals_transformers(decoded, tmp_path):
+    """llama.cpp and transformers decode the same tokens from the f16 file; hhh also takes it as a model spec."""
+    out, _, prompts, expected = decoded["f16"]
     got = llama_cpp(out, {"mode": "greedy", "prompts": prompts, "max_new_tokens": 20}, tmp_path)["tokens"]
     assert got == expected
     assert len({tuple(t) for t in got}) == len(got) and all(len(t) >= 5 for t in got)  # real, distinct answers
@@ -248,19 +260,14 @@ def test_llama_cpp_greedy_output_of_the_f16_export_equals_transformers(exported,
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("quant", "tolerance", "tie"), [("f16", 0.002, 0.02), ("q8_0", 0.03, 0.2)])
-def test_llama_cpp_next_token_distributions_match_transformers(exported, tmp_path, quant, tolerance, tie):
+def test_llama_cpp_next_token_distributions_match_transformers(decoded, tmp_path, quant, tolerance, tie):
     """Teacher-force transformers' greedy answers through llama.cpp and compare next-token distributions position by
     position. This is the check for Q8_0, whose free-running greedy text is not comparable token for token: llama.cpp
     also rounds the activations to 8 bits in every quantized matmul, and near-ties then flip (its own bundled Q4_1
     file decodes 4 of these 6 prompts differently from transformers). Measured: mean |p difference| of the top token
     0.0005 (f16) and 0.014 (q8_0, at most 0.09): a top-1 choice may flip only where the two best tokens are closer
     than `tie`."""
-    folder, files = exported
-    out = files[quant]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=out.name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=out.name).eval()
-    prompts = [ids_of(tokenizer, q)[0].tolist() for q in QUESTIONS]
-    answers = transformers_greedy(model, prompts, 20, tokenizer.eos_token_id)
+    out, model, prompts, answers = decoded[quant]
     top = llama_cpp(out, {"mode": "score", "prompts": prompts, "continuations": answers, "top": 5}, tmp_path)["top"]
     gaps, same_top1, diffs = [], [], []
     with torch.no_grad():
