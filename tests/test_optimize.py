@@ -234,9 +234,9 @@ def exported(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def decoded(exported):
-    """Each exported file taken by hhh as a model spec (converted once, into this module's own cache), with its
-    tokenizer, the chat-templated QUESTIONS and transformers' greedy answers to them: what the llama.cpp checks
-    compare against."""
+    """quant -> (file, model, prompts, answers): each exported file taken by hhh as a model spec (converted once,
+    into this module's own cache), the chat-templated QUESTIONS and transformers' greedy answers to them: what the
+    llama.cpp checks compare against."""
     folder, files = exported
     out = {}
     with pytest.MonkeyPatch.context() as patch:
