@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from hhh import metrics as M
 from hhh.config import GRPOConfig, RLOOConfig
@@ -130,6 +131,18 @@ def test_rloo_updates_are_importance_weighted_against_the_old_policy(tokenizer):
                                   if p.requires_grad]))
         assert (stats["policy/clipfrac"] > 0.4) == (shift > 0)
     assert changes[0].abs().max() > 0 and not torch.allclose(changes[0], changes[1])
+
+
+def test_a_bf16_model_trains_with_the_merged_sampler(tokenizer, tmp_path):
+    """--dtype bfloat16: PEFT keeps a bf16 base's adapter in fp32, so the adapter folded in for sampling must be cast
+    back to the weights' dtype (an fp32 merged weight met bf16 activations and stopped the first rollout)."""
+    config = GRPOConfig(**{**TOY, "dtype": "bfloat16", "steps": 2, "out": str(tmp_path / "bf16")})
+    run = RunDir.create("grpo", config, config.out)
+    trained = JOBS["grpo"].train(config, run, base=hello_model(tokenizer).to(torch.bfloat16), tokenizer=tokenizer,
+                                 console=None)
+    m = run.metrics()
+    assert trained.summary["steps"] == 2 and len(m) == 2
+    assert all(abs(x["kl/k1"]) < 1e-3 for x in m[:1]) and m[-1]["length/tokens"] > 0
 
 
 def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):

@@ -244,7 +244,9 @@ class Policy(nn.Module):
                 for m in adapted:
                     base = m.get_base_layer()
                     swapped.append((base, base.weight))
-                    base.weight = nn.Parameter(base.weight + m.get_delta_weight(name), requires_grad=False)
+                    # in the base's dtype: PEFT keeps a bf16 base's adapter in fp32, and the sum would be fp32
+                    merged = (base.weight + m.get_delta_weight(name)).to(base.weight.dtype)
+                    base.weight = nn.Parameter(merged, requires_grad=False)
             with self.lm.disable_adapter():
                 yield
         finally:
