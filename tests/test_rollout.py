@@ -94,3 +94,24 @@ def test_a_group_shares_one_prefill_and_samples_what_a_full_prefill_samples(toke
     # not in runs of equal length: every row is prefilled
     odd = sample(model, tokenizer, ["a", "a", "b"], max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     assert odd.prefilled == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_output_layer_is_one_matmul_for_frozen_weights_too(tokenizer, dtype):
+    """The prefill keeps the logits of the last position only, a training pass those of the response: that slice of
+    the hidden states reaches the output layer as a contiguous copy. A strided view would make torch's matmul,
+    for weights that need no gradient (a frozen base, a merged copy), run a bmm over B copies of the vocabulary
+    matrix: in bf16 0.8 s per prefill at batch 16 on the bundled model (bench/sampler_dtype.py)."""
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    model = tiny_causal_lm(tokenizer).to(dtype).requires_grad_(False)
+    policy = build_policy(tiny_causal_lm(tokenizer).to(dtype), LoraSettings(r=4))
+    with torch.profiler.profile() as prof:
+        r = sample(model, tokenizer, PROMPTS, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+        response_logprobs(model, r.query_ids, r.query_mask, r.response_ids, r.response_mask)
+        with policy.merged():
+            sample(policy.lm, tokenizer, PROMPTS, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+        policy(r.tokens, temperature=0.7).logprobs.sum().backward()
+    ops = {e.name for e in prof.events()}
+    assert "aten::mm" in ops and "aten::bmm" not in ops

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hhh.losses import entropy_from_logprobs
-from hhh.rollout import Tokens, positions
+from hhh.rollout import Tokens, last_positions, positions
 
 __all__ = ["Forward", "Policy", "Tokens", "build_policy", "frozen_trunk_depth"]
 
@@ -160,8 +160,9 @@ class Policy(nn.Module):
     @staticmethod
     def _kwargs(tokens: Tokens, *, hidden: bool, keep: int | None = None) -> dict:
         mask = tokens.mask()
+        keep = keep if keep is not None else tokens.response_ids.shape[1] + 1
         return {"attention_mask": mask, "position_ids": positions(mask), "output_hidden_states": hidden,
-                "use_cache": False, "logits_to_keep": keep if keep is not None else tokens.response_ids.shape[1] + 1}
+                "use_cache": False, "logits_to_keep": last_positions(mask.shape[1], keep, mask.device)}
 
     def _run(self, tokens: Tokens, kw: dict):
         trunk = self._cached_trunk(tokens)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hhh.rollout import _cache_argument, context_length, left_pad, positions
+from hhh.rollout import _cache_argument, context_length, last_positions, left_pad, positions
 
 log = logging.getLogger("hhh.serve")
 
@@ -231,8 +231,8 @@ class Engine:
         ids, mask = left_pad([r.job.prompt_ids for r in rows], self.tokenizer.pad_token_id or 0)
         pos = positions(mask)
         try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                             **self._adapter_args(rows))
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=last_positions(ids.shape[1], 1, ids.device), **self._adapter_args(rows))
         except Exception:
             for row in rows:  # these rows never joined the batch: the loop's error path would not reach them
                 self._finish(row, "error")
