@@ -206,7 +206,7 @@ def hhh_grpo(steps: int) -> dict:
 
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, minibatch_size=16, beta=0.04, lr=1e-3,
-                        val_prompts=0, out="/tmp/bench-hhh-grpo")
+                        val_prompts=0, out="/tmp/bench-hhh-grpo", sampler_dtype=SAMPLER_DTYPE())
     run = RunDir.create("grpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     with counted():
@@ -261,12 +261,16 @@ def hhh_ppo(steps: int) -> dict:
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = DetoxConfig(steps=steps, batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2,
                          max_new_tokens=48, temperature=0.7, kl_coef=0.05, lr=2e-3, reward="toxicity",
-                         val_prompts=0, out="/tmp/bench-hhh-ppo")
+                         val_prompts=0, out="/tmp/bench-hhh-ppo", sampler_dtype=SAMPLER_DTYPE())
     run = RunDir.create("detox", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     with counted():
         train(config, run, base=model, tokenizer=tok, console=Console(quiet=True))
     return {**timed([m["time/step_s"] for m in run.metrics()]), "units_per_step": 16}
+
+
+def SAMPLER_DTYPE() -> str:  # noqa: N802  hhh's sampler_dtype in a worker, from --sampler-dtype
+    return os.environ.get("HHH_BENCH_SAMPLER_DTYPE", "weights")
 
 
 WORKERS = {"trl-dpo": trl_dpo, "hhh-dpo": hhh_dpo, "trl-grpo": trl_grpo, "hhh-grpo": hhh_grpo,
@@ -282,9 +286,23 @@ def worker(cmd: list[str], env: dict) -> dict:
     return json.loads(line[0][7:])
 
 
-def table(results: dict, peak: float, rollout_rows: list[dict] | None) -> str:
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, fp32 matmul peak "
-             f"{peak / 1e9:.0f} GFLOP/s (measured in this run).", "",
+def cpu_name() -> str:
+    """The CPU's model name (the machines these benchmarks run on differ from session to session)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_dtype: str = "weights") -> str:
+    from hhh.models.load import cpu_has_native
+
+    lines = [f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, fp32 matmul peak "
+             f"{peak / 1e9:.0f} GFLOP/s (measured in this run), native bf16 matmuls: "
+             f"{'yes' if cpu_has_native('bfloat16') else 'no'}. Every model in fp32; hhh's sampler_dtype: "
+             f"{sampler_dtype}.", "",
              "| method | TRL s/step | hhh s/step | TRL per s | hhh per s | hhh/TRL throughput | TRL peak GB | "
              "hhh peak GB | hhh/TRL memory | TRL % of peak | hhh % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in ("ppo", "grpo", "dpo"):
@@ -310,7 +328,10 @@ def main() -> None:
     parser.add_argument("--dpo-steps", type=int, default=4)
     parser.add_argument("--grpo-steps", type=int, default=4)
     parser.add_argument("--ppo-steps", type=int, default=4)
-    parser.add_argument("--only", default="ppo,grpo,dpo,rollout", help="comma-separated of ppo, grpo, dpo, rollout")
+    parser.add_argument("--only", default="ppo,grpo,dpo,rollout",
+                        help="comma-separated of ppo, grpo, dpo, rollout, or single runs (hhh-grpo, trl-ppo...)")
+    parser.add_argument("--sampler-dtype", default="weights", choices=("weights", "bfloat16", "auto"),
+                        help="hhh's sampler_dtype for its GRPO and PPO runs (the weights stay float32)")
     parser.add_argument("--flops", action="store_true", help="run each trainer again under a FLOP counter")
     parser.add_argument("--write", action="store_true", help="write bench/results/latest.md and latest.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -328,9 +349,9 @@ def main() -> None:
 
     peak = matmul_peak(torch.get_num_threads())
     results: dict = {}
-    names = [n for n in WORKERS if n.split("-")[1] in only] + (["rollout"] if "rollout" in only else [])
+    names = [n for n in WORKERS if n.split("-")[1] in only or n in only] + (["rollout"] if "rollout" in only else [])
     for name in names:
-        env = dict(os.environ)
+        env = {**os.environ, "HHH_BENCH_SAMPLER_DTYPE": args.sampler_dtype}
         if name == "trl-ppo":
             if not (TRL_PPO / "trl").is_dir():
                 sys.exit(f"TRL 1.12.0 is not in {TRL_PPO}: make bench-trl installs it")
@@ -350,7 +371,7 @@ def main() -> None:
         share = f"  {r['peak_share']:.1%} of the matmul peak" if "peak_share" in r else ""
         print(f"{name:9s} {r['s_per_step']:6.2f} s/step  peak {r['peak_gb']:.2f} GB{share}  ({r['steps']} steps)",
               flush=True)
-    text = table(results, peak, results.get("rollout", {}).get("rows"))
+    text = table(results, peak, results.get("rollout", {}).get("rows"), args.sampler_dtype)
     print(text)
     if args.write:
         out = Path(__file__).with_name("results")
@@ -360,10 +381,10 @@ def main() -> None:
         import transformers
 
         (out / "latest.json").write_text(json.dumps({
-            "machine": {"processor": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "machine": {"processor": cpu_name(), "cores": os.cpu_count(),
                         "platform": platform.platform(), "matmul_peak_flops": peak},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            "settings": steps, "results": results}, indent=1) + "\n")
+            "settings": {**steps, "sampler_dtype": args.sampler_dtype}, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

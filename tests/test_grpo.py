@@ -44,6 +44,36 @@ def test_critic_free_rl_raises_a_simple_reward(cls, extra, tokenizer, tmp_path):
     assert M.undocumented(m[-1]) == []
 
 
+@pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig])
+def test_a_bf16_sampler_samples_every_rollout_and_check_and_the_update_starts_from_ratio_one(cls, tokenizer,
+                                                                                            tmp_path, monkeypatch):
+    """sampler_dtype = "bfloat16": every step's rollout and every held-out check decode in bf16 (a merged copy),
+    the old log-probs are the fp32 training forward's, so the first step's KL to the reference is 0 to float
+    rounding and its single minibatch clips nothing; the run learns as the fp32 sampler's does."""
+    import hhh.engines
+    import hhh.rollout
+
+    seen = []
+    original = hhh.rollout.sample
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).dtype)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(hhh.engines, "sample", spy)
+    monkeypatch.setattr(hhh.rollout, "sample", spy)
+    run, (policy, steps, _, _) = run_online(cls, tokenizer, tmp_path, "bf16", steps=12, minibatch_size=16,
+                                            sampler_dtype="bfloat16")
+    m = run.metrics()
+    assert steps == 12 and seen == [torch.bfloat16] * (12 + 4)  # 12 rollouts, held-out checks at steps 3, 6, 9, 12
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    assert abs(m[0]["kl/k1"]) < 1e-5 and m[0]["policy/clipfrac"] == 0.0
+    early = sum(x[M.REWARD_MEAN] for x in m[:3]) / 3
+    late = sum(x[M.REWARD_MEAN] for x in m[-3:]) / 3
+    assert late > early + 0.1, (early, late)
+    assert "sampler_dtype = \"bfloat16\"" in (run.path / "config.toml").read_text()
+
+
 def test_grpo_with_equal_rewards_does_not_move_the_policy(tokenizer, tmp_path):
     """A constant reward: every group advantage is 0, and with beta = 0 the loss has no gradient: LoRA B stays 0."""
     run, (policy, *_) = run_online(GRPOConfig, tokenizer, tmp_path, "flat", steps=2, beta=0.0,

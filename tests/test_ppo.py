@@ -28,8 +28,11 @@ def run_ppo(tokenizer, tmp_path, name, resume=False, **overrides):
     return run, result
 
 
-def test_kl_is_exactly_zero_at_the_first_step(tokenizer, tmp_path):
-    run, _ = run_ppo(tokenizer, tmp_path, "a", steps=1)
+@pytest.mark.parametrize("sampler_dtype", ["weights", "bfloat16"])
+def test_kl_is_exactly_zero_at_the_first_step(tokenizer, tmp_path, sampler_dtype):
+    """PPO's old log-probs always come from the training forward: after a bf16 sampler too (whose own log-probs
+    are off by bf16 rounding), the first step's KL is exactly 0."""
+    run, _ = run_ppo(tokenizer, tmp_path, "a", steps=1, sampler_dtype=sampler_dtype)
     first = run.metrics()[0]
     assert first["kl/k1"] == 0.0 and first["kl/k3"] == 0.0
     assert first["policy/approxkl"] >= 0
@@ -208,6 +211,115 @@ def test_merged_adapter_samples_the_same_tokens_and_puts_the_base_back(tokenizer
         assert after[n] is p and torch.equal(p, value) and p.requires_grad == grad, n
     again = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
     assert torch.equal(again.logprobs, plain.logprobs)  # the adapter is active again, bit for bit
+
+
+@pytest.mark.parametrize("from_adapter", [False, True])
+def test_bf16_sampler_is_a_merged_copy_refreshed_at_every_entry(tokenizer, tmp_path, from_adapter):
+    """Policy.sampler(torch.bfloat16): a plain model (no adapter layers) whose weights are the policy's with the
+    active adapter folded in, then cast: it samples exactly what PEFT's own merge_and_unload cast to bf16 samples
+    for the same seed, keeps tied embeddings tied, follows the adapter after every update, records its dtype in
+    the rollout, and leaves the policy's parameters as they were."""
+    import copy
+
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.rollout import sample
+
+    lora = LoraSettings(r=4, top_layers=2)
+    policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora)
+    _perturbed(policy)
+    if from_adapter:
+        policy.save(tmp_path / "a")
+        policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora,
+                              init_adapter=str(tmp_path / "a"))
+        _perturbed(policy)  # the trained adapter now differs from the reference one
+    before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
+    prompts = ["Tell me a story", "hi", "Why is the sky blue?"] * 2
+
+    def peft_merged_bf16():  # PEFT's merge on a copy, then every parameter cast (buffers keep their precision)
+        lm = copy.deepcopy(policy.lm)
+        if from_adapter:
+            lm.delete_adapter("reference")
+        merged = lm.merge_and_unload()
+        for p in merged.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return merged
+
+    for _ in range(2):  # before and after an update of the adapter
+        expected = sample(peft_merged_bf16(), tokenizer, prompts, max_new_tokens=10,
+                          generator=torch.Generator().manual_seed(4))
+        with policy.sampler(torch.bfloat16) as model:
+            assert model is not policy.lm and not any("lora_" in n for n, _ in model.named_parameters())
+            assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+            assert {b.dtype for b in model.buffers()} == {torch.float32}  # rotary frequencies stay exact
+            assert not any(p is q for p in model.parameters() for q in policy.parameters())
+            assert not any(p.requires_grad for p in model.parameters())
+            assert model.lm_head.bias is not None  # with_eos_bias's untied head, copied as it is
+            got = sample(model, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(got.response_ids, expected.response_ids) and int(got.response_mask.sum()) > 12
+        assert torch.equal(got.logprobs, expected.logprobs)
+        assert got.sampler_dtype == torch.bfloat16 and expected.sampler_dtype == torch.bfloat16
+        after = dict(policy.named_parameters())
+        for n, (p, value, grad) in before.items():
+            assert after[n] is p and torch.equal(p, value) and p.requires_grad == grad, n
+        _perturbed(policy)  # an update: the next entry must sample from the new adapter
+        before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
+    with policy.sampler(None) as model, policy.sampler(torch.float32) as same:
+        assert model is policy.lm and same is policy.lm  # the weights' own dtype: merged() in place
+        assert sample(model, tokenizer, prompts, max_new_tokens=4).sampler_dtype == torch.float32
+
+
+def test_a_bf16_rollout_gets_its_old_logprobs_from_the_fp32_training_forward(tokenizer):
+    """GRPO/RLOO take the sampler's log-probs as the old policy's only when the sampler computed in the training
+    weights' dtype: a bf16 sampler's are recomputed (on the cached trunk), so the first ratio is exactly 1."""
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+    from hhh.rollout import sample
+    from hhh.train.groups import old_and_reference_logprobs
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2))
+    _perturbed(policy)
+    prompts = ["Tell me a story", "hi", "Why is the sky blue?"] * 2
+    for dtype in (torch.bfloat16, torch.float32):
+        with policy.sampler(dtype) as model:
+            assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
+            r = sample(model, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
+        with policy.frozen_trunk(r.tokens, micro_batch_size=4):
+            old, ref = old_and_reference_logprobs(policy, r, 4, 0.7)
+        with torch.no_grad():
+            fresh = policy(r.tokens, temperature=0.7).logprobs * r.response_mask
+        torch.testing.assert_close(old * r.response_mask, fresh, rtol=0, atol=1e-5)
+        if dtype == torch.bfloat16:
+            assert (r.logprobs - fresh).abs().max() > 1e-3  # the sampler's own would have been off
+            assert (r.logprobs - fresh).abs().max() < 0.2
+        else:
+            assert torch.equal(old, r.logprobs)  # fp32: the sampler's own, no second pass
+
+
+def test_sampler_dtype_auto_is_bf16_only_for_fp32_weights_on_native_bf16_hardware(tokenizer, capsys):
+    """"auto" follows oneDNN's check on this CPU (whichever kind runs the tests), never touches bf16 weights;
+    "bfloat16" asked for on a CPU without native kernels is kept but said in one line; a typo is a one-line error
+    naming the field."""
+    from hhh.cli import main
+    from hhh.config import GRPOConfig
+    from hhh.engines import sampler_dtype
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    fp32 = build_policy(tiny_causal_lm(tokenizer), LoraSettings(r=4))
+    bf16 = build_policy(tiny_causal_lm(tokenizer).to(torch.bfloat16), LoraSettings(r=4))
+    assert sampler_dtype(GRPOConfig(), fp32) is None
+    assert sampler_dtype(GRPOConfig(sampler_dtype="auto"), fp32) == (torch.bfloat16 if native else None)
+    assert sampler_dtype(GRPOConfig(sampler_dtype="auto"), bf16) is None
+    capsys.readouterr()
+    assert sampler_dtype(GRPOConfig(sampler_dtype="bfloat16"), fp32, warn=True) == torch.bfloat16
+    err = capsys.readouterr().err
+    assert ("sampler_dtype = 'bfloat16' on this cpu runs slower than float32" in err) == (not native)
+    assert err.count("\n") == (0 if native else 1)
+    assert main(["grpo", "--sampler-dtype", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "sampler" in err and "fp8" in err and err.strip().count("\n") == 0
 
 
 def test_bad_val_split_is_a_clear_error(tokenizer, tmp_path):

@@ -3,7 +3,8 @@
     rollouts = rollout_engine(config, policy, tokenizer)     # once, before the first step
     r = rollouts(prompts, step, generator)                    # every step: a Rollout from the current policy
 
-"hhh" (default): `hhh.rollout.sample` on the policy with its adapter merged into copies of the weights.
+"hhh" (default): `hhh.rollout.sample` on the policy with its adapter merged into copies of the weights, in the
+weights' dtype or (`sampler_dtype`) in a bf16 copy of them (Policy.sampler).
 "vllm": a vLLM engine holding the base model; every step the policy's adapter is saved and handed to vLLM as a
 new LoRA request (a new id, so vLLM loads the new weights; it keeps one adapter on the GPU), vLLM samples, and the
 log-probs the losses use are computed again by the training model (vLLM's kernels, precision and batching give
@@ -49,12 +50,39 @@ def rollout_engine(config, policy, tokenizer) -> Rollouts:
         engine = VLLMRollouts(config, policy, tokenizer)
         return engine.sample
 
+    dtype = sampler_dtype(config, policy, warn=True)
+
     def hhh_sampler(prompts: Sequence[Prompt], step: int, generator: torch.Generator) -> Rollout:
-        with policy.merged():  # the adapter folded into the weights while sampling
-            return sample(policy.lm, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+        with policy.sampler(dtype) as model:  # the adapter folded into the weights (or a copy of them) while sampling
+            return sample(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
                           temperature=config.temperature, generator=generator)
 
     return hhh_sampler
+
+
+def sampler_dtype(config, policy, *, warn: bool = False) -> torch.dtype | None:
+    """The dtype hhh's sampler decodes in for `config.sampler_dtype` (None: the weights' own, Policy.sampler).
+    "auto" picks bf16 only for float32 weights on a device with native bf16 matmuls (a CUDA GPU that supports it,
+    or a CPU whose oneDNN has avx512_bf16/AMX kernels): on a CPU without them bf16 is emulated, 2-4x slower than
+    fp32 (docs/profile-rollout.md); asking for bfloat16 there says so in one line (`warn`)."""
+    import sys
+
+    from hhh.models.load import cpu_has_native
+
+    choice = getattr(config, "sampler_dtype", "weights")
+    base = policy.lm.get_base_model()
+    device = next(base.parameters()).device
+    native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+              else device.type == "cpu" and cpu_has_native("bfloat16"))
+    if choice == "auto":
+        return torch.bfloat16 if base.dtype == torch.float32 and native else None
+    if choice == "bfloat16":
+        if warn and not native:
+            print(f"hhh: sampler_dtype = 'bfloat16' on this {device.type} runs slower than float32 (no native bf16 "
+                  "matmuls: no avx512_bf16/AMX); bench/matmul_dtypes.py measures by how much", file=sys.stderr,
+                  flush=True)
+        return torch.bfloat16
+    return None
 
 
 def model_folder(spec: str) -> str:

@@ -59,6 +59,7 @@ class Rollout:
     logprobs_t1: Tensor | None = None  # (B, R) log-probs of the same tokens at temperature 1 (for perplexity)
     prefilled: int = 0  # prompt rows that went through the prefill (fewer than B when a group shared one)
     trainer_logprobs: bool = False  # `logprobs` came from the training forward (another engine sampled), not the cache
+    sampler_dtype: torch.dtype = torch.float32  # what the sampler's weights computed in (Policy.sampler)
 
     @property
     def lengths(self) -> Tensor:  # (B,) completion tokens, EOS included
@@ -246,6 +247,7 @@ def sample(
         texts=[t.strip() for t in texts],
         logprobs_t1=torch.stack(logps_t1, 1),
         prefilled=prefilled,
+        sampler_dtype=next(model.parameters()).dtype,
     )
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -69,6 +69,7 @@ class Policy(nn.Module):
         # of the model).
         self.split = frozen_trunk_depth(lm)
         self._trunks: dict[int, tuple[Tokens, Tensor]] = {}
+        self._copies: dict[torch.dtype, nn.Module] = {}  # sampler(dtype)'s merged copies, one per dtype
         # The parameters that train, fixed here (and by add_adapter). PEFT's set_adapter (also run when
         # disable_adapter() exits) rewrites requires_grad of every adapter to "active or not", which would freeze
         # another trainable adapter after the first reference pass; every adapter switch puts this set back.
@@ -254,6 +255,55 @@ class Policy(nn.Module):
             for base, weight in swapped:
                 base.weight = weight
             self._restore_trainable()
+
+    @contextmanager
+    def sampler(self, dtype: torch.dtype | None = None):
+        """Within: the model to sample from. `dtype` None or the weights' own: the policy itself with its adapter
+        merged (`merged()`). Another dtype (bf16 on a CPU with native bf16 matmuls, where decoding runs ~2x
+        faster): a plain copy of the whole model in that dtype, made once and kept (one more copy of the weights at
+        2 bytes a number), whose adapted layers are rewritten at every entry with base + the active adapter's
+        delta, computed in the weights' dtype and then cast (what PEFT's merge_and_unload followed by `.to(dtype)`
+        gives). Its log-probs differ from the training forward's by the rounding of `dtype`; Rollout.sampler_dtype
+        says so to whoever uses them. Adapters merged() cannot fold (DoRA and other variants): the policy itself."""
+        weights = self.lm.get_base_model().dtype
+        copy = None if dtype is None or dtype == weights else self._refreshed_copy(dtype)
+        if copy is None:
+            with self.merged():
+                yield self.lm
+            return
+        yield copy
+
+    def _refreshed_copy(self, dtype: torch.dtype) -> nn.Module | None:
+        import copy
+
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.lora import LoraLayer
+
+        name = self.lm.active_adapter
+        layers = {n: m for n, m in self.lm.get_base_model().named_modules()
+                  if isinstance(m, LoraLayer) and name in m.lora_A}
+        adapted = {n: m for n, m in layers.items()
+                   if isinstance(m, LoraLinear) and name not in m.lora_variant and not m.merged}
+        if not adapted or len(adapted) < len(layers):  # what merged() cannot fold, this cannot either
+            return None
+        model = self._copies.get(dtype)
+        if model is None:
+            # The base model with every adapter layer taken out (PEFT's unload, on a copy). The copy's parameters
+            # are cast as they are copied (deepcopy takes them from its memo), so no second full-precision copy
+            # exists even for a moment; tied weights stay tied; buffers (rotary frequencies) keep their precision.
+            # Kept in a dict, not as an attribute: a submodule would join the policy's parameters.
+            source = self.lm.base_model
+            memo: dict[int, object] = {id(p): nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=False)
+                                       for p in source.parameters()}
+            model = copy.deepcopy(source, memo).unload().eval()
+            self._copies[dtype] = model
+        with torch.no_grad():
+            for n, m in adapted.items():
+                target = model.get_submodule(n)
+                assert isinstance(target, nn.Linear)  # unload put the plain layer back under the same name
+                base = cast(Tensor, m.get_base_layer().weight)
+                target.weight.copy_(base + m.get_delta_weight(name))
+        return model
 
     # --- saving -----------------------------------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:

@@ -6,7 +6,7 @@ Each step:
   1. rollout: G samples for each of the step's prompts from the policy (rows grouped by prompt)
   2. score: reward function on (prompt, completion)
   3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own in fp32,
-     recorded in step 1 (recomputed through the training forward in bf16/fp16)
+     recorded in step 1 (recomputed through the training forward in bf16/fp16, and after a bf16 sampler)
   4. advantages: the method's `advantages(score, kl, mask, beta)`
   5. update: `epochs` passes over shuffled minibatches, the method's `loss` per micro-batch
   6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
@@ -67,10 +67,12 @@ def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int
     """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches.
 
     In fp32 the sampler's log-probs (KV cache, adapter merged) equal a fresh forward to ~1e-5 and serve as the old policy's (one
-    policy pass fewer per step); in bf16/fp16 they differ by up to ~5e-2, which would clip the first ratio, so the
-    old log-probs are then recomputed through the training forward, unless they already came from it (another
-    engine sampled: hhh.engines.VLLMRollouts)."""
-    recompute = policy.lm.get_base_model().dtype != torch.float32 and not r.trainer_logprobs
+    policy pass fewer per step); in bf16/fp16 (the weights', or a bf16 sampler's over fp32 weights) they differ by up
+    to ~5e-2, which would clip the first ratio, so the old log-probs are then recomputed through the training
+    forward (inside `frozen_trunk`: the adapted top layers only), unless they already came from it (another engine
+    sampled: hhh.engines.VLLMRollouts)."""
+    weights = policy.lm.get_base_model().dtype
+    recompute = not r.trainer_logprobs and (weights != torch.float32 or r.sampler_dtype != weights)
     tokens = r.tokens
     olds, refs = [], []
     for s in chunks(len(tokens), micro_batch_size):

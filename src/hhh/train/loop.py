@@ -184,11 +184,12 @@ def split_prompts(prompts: Sequence[str], val_prompts: int) -> tuple[list[str], 
 @torch.no_grad()
 def held_out(policy, tokenizer, prompts: Sequence[str], reward, second, config) -> dict[str, float]:
     """Reward and second judge on the held-out prompts, sampled with the same noise at every check."""
+    from hhh.engines import sampler_dtype
     from hhh.rollout import sample
 
     gen = step_generator(config.seed, 0, next(policy.parameters()).device, HELD_OUT)
-    with policy.merged():
-        r = sample(policy.lm, tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
+    with policy.sampler(sampler_dtype(config, policy)) as model:  # as the steps' rollouts are sampled
+        r = sample(model, tokenizer, list(prompts), max_new_tokens=config.max_new_tokens,
                    temperature=config.temperature, generator=gen)
     return {M.VAL_REWARD: float(reward.score(prompts, r.texts).mean()),
             M.VAL_SECOND: float(second.score(prompts, r.texts).mean())}
