@@ -172,14 +172,11 @@ def test_frozen_trunk_gives_the_full_forward_exactly(tokenizer):
     assert policy._trunks == {}  # the cache ends with the block
 
 
-@pytest.mark.parametrize("from_adapter", [False, True])
-def test_merged_adapter_samples_the_same_tokens_and_puts_the_base_back(tokenizer, tmp_path, from_adapter):
-    """Policy.merged(): sampling runs no adapter matmul, draws the same tokens for the same seed as the unmerged
-    policy (log-probs within float noise), and leaves every parameter as it was: same objects, same values, same
-    trainable set, also after an error inside and with a frozen reference adapter beside the trained one."""
+def _trained_policy(tokenizer, tmp_path, from_adapter: bool):
+    """A 4-layer policy with LoRA on its top 2 layers and a non-zero adapter; `from_adapter`: started from a saved
+    adapter (a frozen "reference" copy beside it) and trained away from it."""
     from hhh.models import LoraSettings
     from hhh.models.policy import build_policy
-    from hhh.rollout import sample
 
     lora = LoraSettings(r=4, top_layers=2)
     policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora)
@@ -189,6 +186,16 @@ def test_merged_adapter_samples_the_same_tokens_and_puts_the_base_back(tokenizer
         policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora,
                               init_adapter=str(tmp_path / "a"))
         _perturbed(policy)  # the trained adapter now differs from the reference one
+    return policy
+
+@pytest.mark.parametrize("from_adapter", [False, True])
+def test_merged_adapter_samples_the_same_tokens_and_puts_the_base_back(tokenizer, tmp_path, from_adapter):
+    """Policy.merged(): sampling runs no adapter matmul, draws the same tokens for the same seed as the unmerged
+    policy (log-probs within float noise), and leaves every parameter as it was: same objects, same values, same
+    trainable set, also after an error inside and with a frozen reference adapter beside the trained one."""
+    from hhh.rollout import sample
+
+    policy = _trained_policy(tokenizer, tmp_path, from_adapter)
     before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
     prompts = ["Tell me a story", "hi", "Why is the sky blue?"] * 2
     plain = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
@@ -221,18 +228,9 @@ def test_bf16_sampler_is_a_merged_copy_refreshed_at_every_entry(tokenizer, tmp_p
     the rollout, and leaves the policy's parameters as they were."""
     import copy
 
-    from hhh.models import LoraSettings
-    from hhh.models.policy import build_policy
     from hhh.rollout import sample
 
-    lora = LoraSettings(r=4, top_layers=2)
-    policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora)
-    _perturbed(policy)
-    if from_adapter:
-        policy.save(tmp_path / "a")
-        policy = build_policy(with_eos_bias(tiny_causal_lm(tokenizer, layers=4), tokenizer.eos_token_id, 2.0), lora,
-                              init_adapter=str(tmp_path / "a"))
-        _perturbed(policy)  # the trained adapter now differs from the reference one
+    policy = _trained_policy(tokenizer, tmp_path, from_adapter)
     before = {n: (p, p.detach().clone(), p.requires_grad) for n, p in policy.named_parameters()}
     prompts = ["Tell me a story", "hi", "Why is the sky blue?"] * 2
 
