@@ -143,7 +143,7 @@ def last_positions(width: int, keep: int, device=None) -> Tensor:
     """`logits_to_keep` for the last `keep` of `width` positions, as indices: transformers then gathers those hidden
     states into a contiguous tensor. Passed as a number it slices a strided view, which torch's matmul runs as a bmm
     over B copies of the output layer's matrix when that matrix needs no gradient (a frozen base, a merged copy):
-    in bf16 0.8 s per prefill at batch 16 on the bundled model (tests/test_rollout.py, bench/sampler_dtype.py)."""
+    in bf16 0.8 s per prefill at batch 16 on the bundled model (tests/test_rollout.py, docs/profile-rollout.md)."""
     return torch.arange(width - keep, width, device=device)
 
 

@@ -262,8 +262,8 @@ class Policy(nn.Module):
         merged (`merged()`). Another dtype (bf16 on a CPU with native bf16 matmuls, where decoding runs ~2x
         faster): a plain copy of the whole model in that dtype, made once and kept (one more copy of the weights at
         2 bytes a number), whose adapted layers are rewritten at every entry with base + the active adapter's
-        delta, computed in the weights' dtype and then cast (what PEFT's merge_and_unload followed by `.to(dtype)`
-        gives). Its log-probs differ from the training forward's by the rounding of `dtype`; Rollout.sampler_dtype
+        delta, computed in the weights' dtype and then cast (what PEFT's merge_and_unload followed by casting every
+        parameter gives; buffers such as rotary frequencies keep their precision). Its log-probs differ from the training forward's by the rounding of `dtype`; Rollout.sampler_dtype
         says so to whoever uses them. Adapters merged() cannot fold (DoRA and other variants): the policy itself."""
         weights = self.lm.get_base_model().dtype
         copy = None if dtype is None or dtype == weights else self._refreshed_copy(dtype)
