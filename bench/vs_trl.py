@@ -206,7 +206,7 @@ def hhh_grpo(steps: int) -> dict:
 
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, minibatch_size=16, beta=0.04, lr=1e-3,
-                        val_prompts=0, out="/tmp/bench-hhh-grpo", sampler_dtype=SAMPLER_DTYPE())
+                        val_prompts=0, out="/tmp/bench-hhh-grpo", sampler_dtype=worker_sampler_dtype())
     run = RunDir.create("grpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     with counted():
@@ -261,7 +261,7 @@ def hhh_ppo(steps: int) -> dict:
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = DetoxConfig(steps=steps, batch_size=16, minibatch_size=8, micro_batch_size=8, ppo_epochs=2,
                          max_new_tokens=48, temperature=0.7, kl_coef=0.05, lr=2e-3, reward="toxicity",
-                         val_prompts=0, out="/tmp/bench-hhh-ppo", sampler_dtype=SAMPLER_DTYPE())
+                         val_prompts=0, out="/tmp/bench-hhh-ppo", sampler_dtype=worker_sampler_dtype())
     run = RunDir.create("detox", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     with counted():
@@ -269,7 +269,8 @@ def hhh_ppo(steps: int) -> dict:
     return {**timed([m["time/step_s"] for m in run.metrics()]), "units_per_step": 16}
 
 
-def SAMPLER_DTYPE() -> str:  # noqa: N802  hhh's sampler_dtype in a worker, from --sampler-dtype
+def worker_sampler_dtype() -> str:
+    """hhh's sampler_dtype inside a worker process: --sampler-dtype, handed over in the environment."""
     return os.environ.get("HHH_BENCH_SAMPLER_DTYPE", "weights")
 
 
