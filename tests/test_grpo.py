@@ -74,6 +74,68 @@ def test_a_bf16_sampler_samples_every_rollout_and_check_and_the_update_starts_fr
     assert "sampler_dtype = \"bfloat16\"" in (run.path / "config.toml").read_text()
 
 
+@pytest.mark.parametrize("cls, extra, rows", [(GRPOConfig, {}, 8), (GRPOConfig, {"epochs": 2}, 8),
+                                              (RLOOConfig, {}, 16)])
+def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(cls, extra, rows, tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """After a bf16 sampler the old log-probs are recomputed in fp32. The first minibatch's rows need no such pass:
+    no update has happened when their training forward runs, so its detached log-probs are the old policy's (TRL
+    does the same when a batch is one optimizer step). GRPO runs the pass over the other 8 of 16 rows only; RLOO
+    runs it over all 16 (its advantages need every row's KL before the update). Either way, after each update the
+    batch's old log-probs equal a fresh forward of the adapter that sampled."""
+    import hhh.train.groups as G
+    from hhh.models.policy import Policy
+
+    inside = {"old": False, "ref": False}
+    rows_passed: list[int] = []
+    checked: list[float] = []
+
+    def flag(fn, key):
+        def wrapper(*args, **kwargs):
+            inside[key] = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[key] = False
+        return wrapper
+
+    forward = Policy.forward
+
+    def counting(self, tokens, **kwargs):
+        if inside["old"] and not inside["ref"] and not torch.is_grad_enabled():
+            rows_passed.append(len(tokens.response_ids))
+        return forward(self, tokens, **kwargs)
+
+    update = G.update
+
+    def checking(policy, optimizer, scheduler, batch, *args, **kwargs):
+        before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        stats = update(policy, optimizer, scheduler, batch, *args, **kwargs)
+        after = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if n in before:
+                    p.copy_(before[n])
+            fresh = policy(batch.tokens, temperature=0.7).logprobs  # inside the step's frozen_trunk
+            for n, p in policy.named_parameters():
+                if n in after:
+                    p.copy_(after[n])
+        on = batch.mask.bool()
+        checked.append(float((batch.old_logp[on] - fresh[on]).abs().max()))
+        return stats
+
+    monkeypatch.setattr(G, "old_and_reference_logprobs", flag(G.old_and_reference_logprobs, "old"))
+    monkeypatch.setattr(Policy, "reference_logprobs", flag(Policy.reference_logprobs, "ref"))
+    monkeypatch.setattr(Policy, "forward", counting)
+    monkeypatch.setattr(G, "update", checking)
+    run, (_, steps, _, _) = run_online(cls, tokenizer, tmp_path, "first", steps=2, sampler_dtype="bfloat16",
+                                       temperature=0.7, **extra)
+    assert steps == 2 and sum(rows_passed) == 2 * rows, rows_passed
+    assert len(checked) == 2 and max(checked) < 1e-5, checked
+    m = run.metrics()
+    assert abs(m[0]["kl/k1"]) < 1e-5 and all(torch.isfinite(torch.tensor(x["kl/k1"])) for x in m)
+
+
 def test_grpo_with_equal_rewards_does_not_move_the_policy(tokenizer, tmp_path):
     """A constant reward: every group advantage is 0, and with beta = 0 the loss has no gradient: LoRA B stays 0."""
     run, (policy, *_) = run_online(GRPOConfig, tokenizer, tmp_path, "flat", steps=2, beta=0.0,

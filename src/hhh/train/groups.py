@@ -6,7 +6,8 @@ Each step:
   1. rollout: G samples for each of the step's prompts from the policy (rows grouped by prompt)
   2. score: reward function on (prompt, completion)
   3. reference log-probs (same base, adapter disabled); the old policy's log-probs are the sampler's own in fp32,
-     recorded in step 1 (recomputed through the training forward in bf16/fp16, and after a bf16 sampler)
+     recorded in step 1 (recomputed through the training forward in bf16/fp16, and after a bf16 sampler; then the
+     first minibatch's rows take theirs from their own forward in step 5 where the advantages need no KL: GRPO)
   4. advantages: the method's `advantages(score, kl, mask, beta)`
   5. update: `epochs` passes over shuffled minibatches, the method's `loss` per micro-batch
   6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
@@ -35,6 +36,7 @@ from hhh.train.loop import (
     OnlineRun,
     Trained,
     chunks,
+    first_minibatch,
     linear_decay,
     minibatch_updates,
     sample_stats,
@@ -58,37 +60,63 @@ class Batch:
 
 # loss(new log-probs (b, R), the micro-batch's rows, the minibatch's rows, batch) -> (loss share, clip fraction share)
 Loss = Callable[[Tensor, Tensor, Tensor, Batch], tuple[Tensor, Tensor]]
-Advantages = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+# advantages(scores (B,), per-token KL (B, R) or None where the method said it reads none, mask, beta)
+Advantages = Callable[[Tensor, Tensor | None, Tensor, float], Tensor]
+
+
+def recomputes_old_logprobs(policy: Policy, r: Rollout) -> bool:
+    """In fp32 the sampler's log-probs (KV cache, adapter merged) equal a fresh forward to ~1e-5 and serve as the old
+    policy's (one policy pass fewer per step); in bf16/fp16 (the weights', or a bf16 sampler's over fp32 weights)
+    they differ by up to ~5e-2, which would clip the first ratio, so the old log-probs are then recomputed through
+    the training forward (inside `frozen_trunk`: the adapted top layers only), unless they already came from it
+    (another engine sampled: hhh.engines.VLLMRollouts)."""
+    weights = policy.lm.get_base_model().dtype
+    return not r.trainer_logprobs and (weights != torch.float32 or r.sampler_dtype != weights)
 
 
 @torch.no_grad()
-def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int,
-                               temperature: float) -> tuple[Tensor, Tensor]:
-    """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches.
-
-    In fp32 the sampler's log-probs (KV cache, adapter merged) equal a fresh forward to ~1e-5 and serve as the old policy's (one
-    policy pass fewer per step); in bf16/fp16 (the weights', or a bf16 sampler's over fp32 weights) they differ by up
-    to ~5e-2, which would clip the first ratio, so the old log-probs are then recomputed through the training
-    forward (inside `frozen_trunk`: the adapted top layers only), unless they already came from it (another engine
-    sampled: hhh.engines.VLLMRollouts)."""
-    weights = policy.lm.get_base_model().dtype
-    recompute = not r.trainer_logprobs and (weights != torch.float32 or r.sampler_dtype != weights)
+def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int, temperature: float, *,
+                               skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches. The old ones are the sampler's
+    or recomputed (`recomputes_old_logprobs`); a recompute leaves out the rows in `skip` (NaN here): the update's
+    first minibatch, whose own training forward gives them (`update`)."""
     tokens = r.tokens
-    olds, refs = [], []
-    for s in chunks(len(tokens), micro_batch_size):
-        refs.append(policy.reference_logprobs(tokens[s], temperature=temperature))
-        olds.append(policy(tokens[s], temperature=temperature).logprobs if recompute else r.logprobs[s])
-    return torch.cat(olds), torch.cat(refs)
+    ref = torch.cat([policy.reference_logprobs(tokens[s], temperature=temperature)
+                     for s in chunks(len(tokens), micro_batch_size)])
+    if not recomputes_old_logprobs(policy, r):
+        return r.logprobs, ref
+    old = torch.full_like(ref, math.nan)
+    rows = torch.arange(len(tokens), device=ref.device)
+    if skip is not None:
+        rows = rows[~torch.isin(rows, skip.to(rows.device))]
+    for s in chunks(len(rows), micro_batch_size):
+        old[rows[s]] = policy(tokens[rows[s]], temperature=temperature).logprobs
+    return old, ref
 
 
 def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, config: GroupSettings, *, epochs: int,
-           generator: torch.Generator) -> dict[str, float]:
+           generator: torch.Generator, old_from_first: Tensor | None = None) -> dict[str, float]:
     """5. `epochs` passes of minibatch steps with the method's loss. The policy's entropy is measured on the way
-    (mean over the passes, at the temperature)."""
+    (mean over the passes, at the temperature).
+
+    `old_from_first`: the rows of the first minibatch (`first_minibatch` with this generator) whose old log-probs
+    step 3 left out. No optimizer step has happened when their training forward runs, so its detached log-probs
+    are the old policy's: they are written into `batch.old_logp` before the loss reads them (the ratio is then 1
+    exactly, as when TRL's GRPO takes a batch in one optimizer step)."""
     mask = batch.mask
+    pending = torch.zeros(len(batch.tokens), dtype=torch.bool)
+    first = None if old_from_first is None else old_from_first.cpu().sort().values
+    if first is not None:
+        pending[first] = True
 
     def micro_loss(i: Tensor, minibatch: Tensor) -> tuple[Tensor, dict[str, float]]:
         new = policy(batch.tokens[i], temperature=config.temperature, entropy="measure")
+        todo = pending[i.cpu()]
+        if todo.any():
+            if first is None or not torch.equal(minibatch.cpu().sort().values, first):
+                raise RuntimeError("old log-probs missing outside the first minibatch (its rows were mispredicted)")
+            batch.old_logp[i[todo]] = new.logprobs.detach()[todo]
+            pending[i[todo].cpu()] = False
         value, clipfrac = loss(new.logprobs, i, minibatch, batch)
         share = len(i) / len(minibatch)
         return value, {M.LOSS_POLICY: float(value.detach()), M.CLIPFRAC: float(clipfrac),
@@ -100,8 +128,11 @@ def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, confi
 
 
 def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, epochs: int,
-                 advantages: Advantages, loss: Loss, base, tokenizer, console=None, resume: bool = False) -> Trained:
+                 advantages: Advantages, loss: Loss, base, tokenizer, console=None, resume: bool = False,
+                 kl_in_advantages: bool = True) -> Trained:
     """Train a LoRA policy on `base` with a critic-free method given by its `advantages` and `loss`.
+    `kl_in_advantages=False` (GRPO: the KL is a loss term) says the advantages do not read the per-token KL (they
+    get None): the first minibatch's old log-probs can then wait for its own forward (`update`).
 
     On several processes (hhh.distributed) each rank samples, scores and updates on its share of the step's prompts
     (whole groups) with its own sampling seed; gradients are averaged before each optimizer step."""
@@ -132,17 +163,22 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             tokens, mask = r.tokens, r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)
+            shuffle = step_generator(config.seed, step, "cpu", MINIBATCHES)
+            first = None if kl_in_advantages or not recomputes_old_logprobs(policy, r) else \
+                first_minibatch(len(tokens), config.minibatch_size // D.world().size, shuffle)
             with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
-                # 3. old-policy and reference log-probs
-                old_logp, ref_logp = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
-                kl_tok = L.kl_per_token(old_logp, ref_logp, "k1") * mask  # (B, R)
+                # 3. old-policy and reference log-probs (the first minibatch's old ones may come in step 5)
+                old_logp, ref_logp = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature,
+                                                                skip=first)
                 # 4. advantages
-                adv = advantages(score, kl_tok, mask, kl.beta)
+                kl_before = L.kl_per_token(old_logp, ref_logp, "k1") * mask if kl_in_advantages else None
+                adv = advantages(score, kl_before, mask, kl.beta)
                 # 5. update
                 batch = Batch(tokens, mask, old_logp, ref_logp, adv, kl.beta)
-                stats = update(policy, optimizer, scheduler, batch, loss, config, epochs=epochs,
-                               generator=step_generator(config.seed, step, "cpu", MINIBATCHES))
-            # 6. log (and the shared tail)
+                stats = update(policy, optimizer, scheduler, batch, loss, config, epochs=epochs, generator=shuffle,
+                               old_from_first=first)
+            # 6. log (and the shared tail): every row's old log-probs are in by now
+            kl_tok = L.kl_per_token(old_logp, ref_logp, "k1") * mask  # (B, R)
             k3 = (L.kl_per_token(old_logp, ref_logp, "k3") * mask).sum(-1)
             abs_adv = adv.abs().mean() if adv.dim() == 1 else L.masked_mean(adv.abs(), mask)
             every = D.gather(score)  # the whole step's scores (one process: these)

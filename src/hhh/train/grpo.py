@@ -21,7 +21,7 @@ from hhh.train.loop import Trained
 
 
 def train(config: GRPOConfig, run: RunDir, *, base, tokenizer, console=None, resume: bool = False) -> Trained:
-    def advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    def advantages(score: Tensor, kl: Tensor | None, mask: Tensor, beta: float) -> Tensor:
         return L.grpo_advantages(score, config.group_size, scale=config.scale_rewards)  # (B,)
 
     def loss(logp: Tensor, i: Tensor, minibatch: Tensor, b: Batch) -> tuple[Tensor, Tensor]:
@@ -33,4 +33,4 @@ def train(config: GRPOConfig, run: RunDir, *, base, tokenizer, console=None, res
         return value * share, clipfrac * share
 
     return train_groups("GRPO", config, run, beta=config.beta, epochs=config.epochs, advantages=advantages, loss=loss,
-                        base=base, tokenizer=tokenizer, console=console, resume=resume)
+                        base=base, tokenizer=tokenizer, console=console, resume=resume, kl_in_advantages=False)

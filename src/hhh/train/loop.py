@@ -74,6 +74,18 @@ def linear_decay(optimizer: torch.optim.Optimizer, total_updates: int) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1.0 - i / max(total_updates, 1)))
 
 
+def _shuffle(n: int, generator: torch.Generator) -> Tensor:
+    return torch.randperm(n, generator=generator)
+
+
+def first_minibatch(n: int, minibatch_size: int, generator: torch.Generator) -> Tensor:
+    """The rows `minibatch_updates` will take for its first optimizer step with this generator (drawn from a copy of
+    its state, so the generator itself does not move)."""
+    peek = torch.Generator(device=generator.device)
+    peek.set_state(generator.get_state())
+    return _shuffle(n, peek)[chunks(n, minibatch_size)[0]]
+
+
 def minibatch_updates(params: list, optimizer, scheduler, n: int, *, epochs: int, minibatch_size: int,
                       micro_batch_size: int, max_grad_norm: float, generator: torch.Generator,
                       micro_loss: Callable[[Tensor, Tensor], tuple[Tensor, dict[str, float]]]) -> dict[str, float]:
@@ -83,7 +95,7 @@ def minibatch_updates(params: list, optimizer, scheduler, n: int, *, epochs: int
     sums: dict[str, float] = {}
     n_updates = 0
     for _ in range(epochs):
-        order = torch.randperm(n, generator=generator)
+        order = _shuffle(n, generator)
         for mb in chunks(n, minibatch_size):
             idx = order[mb]
             optimizer.zero_grad(set_to_none=True)

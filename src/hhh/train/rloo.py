@@ -31,7 +31,8 @@ def rloo_advantages(config: RLOOConfig, score: Tensor, kl: Tensor, mask: Tensor,
 def train(config: RLOOConfig, run: RunDir, *, base, tokenizer, console=None, resume: bool = False) -> Trained:
     reinforce_pp = config.advantage == "reinforce++"
 
-    def advantages(score: Tensor, kl: Tensor, mask: Tensor, beta: float) -> Tensor:
+    def advantages(score: Tensor, kl: Tensor | None, mask: Tensor, beta: float) -> Tensor:
+        assert kl is not None  # train_groups computes it before the update (kl_in_advantages)
         if reinforce_pp:
             returns = L.reinforce_pp_advantages(score, kl, mask, beta, whiten=False)  # (B, R)
             return D.masked_whiten(returns, mask)  # over every token of the batch, every process's part
