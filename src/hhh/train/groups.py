@@ -94,6 +94,11 @@ def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int
     return old, ref
 
 
+def rank_minibatch(config: GroupSettings) -> int:
+    """Rows of one minibatch on this process (the global minibatch split over the processes)."""
+    return config.minibatch_size // D.world().size
+
+
 def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, config: GroupSettings, *, epochs: int,
            generator: torch.Generator, old_from_first: Tensor | None = None) -> dict[str, float]:
     """5. `epochs` passes of minibatch steps with the method's loss. The policy's entropy is measured on the way
@@ -123,7 +128,7 @@ def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, confi
                        M.ENTROPY: float(L.masked_mean(new.entropy, mask[i])) * share}
 
     return minibatch_updates(policy.trainable_parameters(), optimizer, scheduler, len(batch.tokens), epochs=epochs,
-                             minibatch_size=config.minibatch_size // D.world().size, micro_batch_size=config.micro_batch_size,
+                             minibatch_size=rank_minibatch(config), micro_batch_size=config.micro_batch_size,
                              max_grad_norm=config.max_grad_norm, generator=generator, micro_loss=micro_loss)
 
 
@@ -165,7 +170,7 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             score = reward.score(prompts, r.texts).float().to(device)
             shuffle = step_generator(config.seed, step, "cpu", MINIBATCHES)
             first = None if kl_in_advantages or not recomputes_old_logprobs(policy, r) else \
-                first_minibatch(len(tokens), config.minibatch_size // D.world().size, shuffle)
+                first_minibatch(len(tokens), rank_minibatch(config), shuffle)
             with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
                 # 3. old-policy and reference log-probs (the first minibatch's old ones may come in step 5)
                 old_logp, ref_logp = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature,
