@@ -237,6 +237,64 @@ def test_a_client_that_goes_away_stops_its_generation(tokenizer):
         assert engine.stats.generated_tokens < 2 * 400  # neither ran to max_tokens
 
 
+@pytest.mark.parametrize("path", ["/chat/completions", "/completions"])
+def test_a_prompt_still_being_tokenized_does_not_stall_the_server(tokenizer, monkeypatch, path):
+    """Tokenizing runs beside the event loop, not on it: while one request's prompt is held inside the tokenizer
+    (a long prompt, a slow chat template), the server still answers /health, serves other requests and hears that
+    a streaming client hung up."""
+    import threading
+    import time
+
+    from hhh.models import tiny_causal_lm
+
+    entered, release = threading.Event(), threading.Event()
+    held = "Hold this one."
+
+    def hold(text) -> None:
+        if held in str(text):  # the chat template gets messages, the completions endpoint a string
+            entered.set()
+            release.wait(60)
+
+    chat_template, encode = tokenizer.apply_chat_template, type(tokenizer).__call__
+    monkeypatch.setattr(tokenizer, "apply_chat_template", lambda messages, *a, **k: (
+        hold(messages), chat_template(messages, *a, **k))[1])
+    # tokenizer(text) looks __call__ up on the class; monkeypatch puts the class back after the test
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, *a, **k: (
+        hold(text), encode(self, text, *a, **k))[1])
+    model = tiny_causal_lm(tokenizer, seed=0)
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.01))  # ~4 s for 400 tokens
+    with Endpoint(model, tokenizer, max_tokens=480) as url:
+        engine = Endpoint.last.engine
+
+        def body(text: str, **more) -> dict:
+            if path == "/completions":
+                return {"model": "tiny", "prompt": text, **more}
+            return {"model": "tiny", "messages": [{"role": "user", "content": text}], **more}
+
+        answers: list[httpx.Response] = []
+        waiting = threading.Thread(target=lambda: answers.append(httpx.post(
+            url + path, json=body(held, max_tokens=2, temperature=0), timeout=60)))
+        waiting.start()
+        try:
+            assert entered.wait(20), "the held request never reached the tokenizer"
+            # the event loop is free: a health check, a whole other request, a streaming client that leaves
+            assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+            other = httpx.post(url + path, json=body("Say hi.", max_tokens=2, temperature=0), timeout=10)
+            assert other.status_code == 200 and engine.stats.requests == 1
+            with httpx.stream("POST", url + path, json=body("Go on forever.", max_tokens=400, stream=True),
+                              timeout=10) as r:
+                assert r.status_code == 200
+                next(r.iter_lines())
+            deadline = time.time() + 10
+            while engine.stats.cancelled < 1 and time.time() < deadline:
+                time.sleep(0.05)
+            assert engine.stats.cancelled == 1 and engine.stats.generated_tokens < 400
+        finally:
+            release.set()
+            waiting.join(60)
+        assert [a.status_code for a in answers] == [200] and engine.stats.requests == 3
+
+
 def test_label_export_reads_served_feedback(served, client, tmp_path):
     from hhh.cli import main
 

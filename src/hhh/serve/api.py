@@ -248,9 +248,9 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         if alternatives and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         params = sampling(body, alternatives)
-        try:
-            ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"])
+        try:  # in a worker thread: a long prompt or a slow template must not hold up every other client
+            ids = list((await run_in_threadpool(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                                tokenize=True, return_dict=True))["input_ids"])
         except Exception as e:  # a template that refuses the conversation (e.g. roles out of order)
             raise APIError(400, f"the chat template refused the messages: {str(e).splitlines()[0][:200]}",
                            param="messages") from None
@@ -277,7 +277,7 @@ def create_app(engine: Engine, settings: Settings, *, store=None,
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         alternatives = body.logprobs or 0
         params = sampling(body, alternatives)
-        encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        encoded = await run_in_threadpool(lambda: [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts])
         checked = [check(ids, params, implicit_max=body.max_tokens is None) for ids in encoded]
         response_id = f"cmpl-{uuid.uuid4().hex}"
         runs = [await run(request, ids, p) for ids, p in zip(encoded, checked, strict=True)]
