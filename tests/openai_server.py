@@ -41,6 +41,18 @@ class Endpoint:
             time.sleep(0.05)
         return f"http://127.0.0.1:{self.port}/v1"
 
+    def stacks(self) -> str:
+        """Where this endpoint's server (event loop) and engine threads are now: for a failing test's message."""
+        import sys
+        import traceback
+
+        frames = sys._current_frames()
+        parts = []
+        for name, thread in (("server", self.thread), ("engine", self.engine._thread)):
+            frame = frames.get(thread.ident) if thread is not None and thread.ident is not None else None
+            parts.append(f"--- {name} thread ---\n" + ("".join(traceback.format_stack(frame)) if frame else "gone\n"))
+        return "".join(parts)
+
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)

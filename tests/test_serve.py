@@ -228,12 +228,12 @@ def test_a_client_that_goes_away_stops_its_generation(tokenizer):
         deadline = time.time() + 20
         while engine.stats.requests < 2 and time.time() < deadline:
             time.sleep(0.01)
-        assert engine.stats.requests == 2
+        assert engine.stats.requests == 2, f"{engine.stats}\n{Endpoint.last.stacks()}"
         client.close()
         deadline = time.time() + 20
         while (engine.stats.cancelled < 2 or engine.running()) and time.time() < deadline:
             time.sleep(0.05)
-        assert engine.stats.cancelled == 2 and engine.running() == 0
+        assert engine.stats.cancelled == 2 and engine.running() == 0, f"{engine.stats}\n{Endpoint.last.stacks()}"
         assert engine.stats.generated_tokens < 2 * 400  # neither ran to max_tokens
 
 
