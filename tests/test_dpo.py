@@ -1,3 +1,4 @@
+import contextlib
 import json
 import math
 import subprocess
@@ -72,6 +73,75 @@ def test_micro_batches_of_pairs_give_the_same_steps(tokenizer, tmp_path, loss):
     assert len(logs[8]) == 2 and logs[8][1]["loss/preference"] != logs[8][0]["loss/preference"]
     for whole, parts in zip(logs[8], logs[3], strict=True):
         assert parts == pytest.approx(whole, rel=1e-4, abs=1e-6)
+
+
+def uneven_pairs() -> Pairs:
+    """Prompts and completions of different lengths, chosen longer in some pairs and shorter in others, so that
+    both the left padding of the prompts and the right padding of each completion differ by row."""
+    prompts = ["Hi?", "Tell me a long story about a cat who sails around the world, please.", "Why?",
+               "What is two and two?"]
+    chosen = ["yes thank you", "sure", "because the sky is blue and the sea is wide", "four"]
+    rejected = ["no", "go away now please, I will not", "no idea", "five, or maybe six, who knows"]
+    return Pairs(prompts, chosen, rejected, [False] * 4, [None] * 4)
+
+
+@pytest.mark.parametrize("attention, trunk", [("sdpa", False), ("sdpa", True), ("eager", True)])
+def test_pairs_with_their_prompt_once_give_the_log_probs_and_gradients_of_two_rows(tokenizer, attention, trunk):
+    """PairTokens (each prompt once, its two completions attending to it through a 4D mask) == the plain 2b rows
+    prompt + chosen, prompt + rejected: the policy's and the reference's (sum, mean) log-probs within 1e-5, and
+    the adapter's gradients from micro-batches of pairs, with and without a cached frozen trunk, under sdpa and
+    eager attention; and fewer token positions go through the model."""
+    from hhh.models import tiny_causal_lm
+    from hhh.rollout import PairTokens, Tokens
+
+    base = tiny_causal_lm(tokenizer, layers=3, seed=1)
+    base.config._attn_implementation = attention
+    policy = build_policy(base, LoraSettings(r=4, top_layers=2 if trunk else None))
+    assert (policy.split > 0) == trunk
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    results = {}
+    for share in (True, False):
+        mb = minibatches(uneven_pairs(), tokenizer, DPOConfig(batch_size=4, share_prompt=share), "cpu")[0]
+        assert isinstance(mb.tokens, PairTokens if share else Tokens) and mb.pairs == 4
+        policy.zero_grad(set_to_none=True)
+        with policy.frozen_trunk(mb.tokens) if trunk else contextlib.nullcontext():
+            with torch.no_grad():
+                ref = sequence_logps(policy, mb.tokens, reference=True)
+            whole = sequence_logps(policy, mb.tokens)
+            for part in (slice(0, 3), slice(3, 4)):
+                idx, rows = mb.rows(part)
+                s, m = sequence_logps(policy, rows)
+                torch.testing.assert_close(s, whole[0][idx], rtol=1e-6, atol=1e-5)
+                (s * torch.arange(1.0, 1 + len(s)) - 3 * m.sum()).sum().backward()  # uneven weights per row
+        grads = [p.grad.clone() for p in policy.trainable_parameters()]
+        results[share] = (ref, tuple(x.detach() for x in whole), grads, mb.tokens.ids().numel())
+    packed, plain = results[True], results[False]
+    for a, b in zip(packed[0] + packed[1], plain[0] + plain[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)  # sums of ~100 nats: float noise ~1e-5
+    assert all(bool(g.abs().sum() > 0) for g in packed[2])
+    for a, b in zip(packed[2], plain[2], strict=True):  # sums of many terms: float noise relative to the largest
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert packed[3] < plain[3]
+
+
+def test_a_dpo_run_with_shared_prompts_logs_what_two_rows_log(tokenizer, tmp_path):
+    """The same two epochs with share_prompt on (the default) and off: every logged metric within float noise."""
+    from hhh.models import tiny_causal_lm
+
+    pairs = Pairs(uneven_pairs().prompts * 2, uneven_pairs().chosen * 2, uneven_pairs().rejected * 2,
+                  [False] * 8, [None] * 8)
+    logs = {}
+    for share in (True, False):
+        config = DPOConfig(batch_size=4, micro_batch_size=3, epochs=2, lr=1e-2, share_prompt=share)
+        run = RunDir.create("dpo", config, str(tmp_path / f"share{share}"))
+        train_dpo(config, run, pairs, base=tiny_causal_lm(tokenizer, seed=0), tokenizer=tokenizer, console=None)
+        logs[share] = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in run.metrics()]
+    assert len(logs[True]) == 4 and logs[True][3]["loss/preference"] < logs[True][0]["loss/preference"]
+    for packed, plain in zip(logs[True], logs[False], strict=True):
+        assert packed == pytest.approx(plain, rel=1e-4, abs=1e-6)
 
 
 def test_dpo_logs_both_logps_and_the_implicit_rewards(tiny, tokenizer, tmp_path):
@@ -168,7 +238,7 @@ def test_preference_losses_score_log_probs_at_temperature_1(tiny, tokenizer, tmp
     config = DPOConfig(batch_size=4, epochs=1, temperature=0.7)
     run = RunDir.create("dpo", config, str(tmp_path / "run"))
     pairs = toy_pairs(4)
-    mb = minibatches(pairs, tokenizer, config, "cpu")[0]
+    mb = minibatches(pairs, tokenizer, config.model_copy(update={"share_prompt": False}), "cpu")[0]  # 2b rows
     with torch.no_grad():
         logits = tiny(input_ids=torch.cat([mb.tokens.query_ids, mb.tokens.response_ids], 1),
                       attention_mask=torch.cat([mb.tokens.query_mask, mb.tokens.response_mask], 1)).logits
@@ -198,14 +268,14 @@ def test_kto_reference_point_pairs_every_example_with_the_next_ones_answer(token
     pairs = Pairs(["x0?", "x1?", "x2?"], ["c zero", "c one", "c two"], ["r zero", "r one", "r two"], [False] * 3,
                   [None] * 3)
     mb = minibatches(pairs, tokenizer, DPOConfig(loss="kto", batch_size=3, seed=0), "cpu")[0]
-    order = [tokenizer.decode(mb.tokens.response_ids[k][mb.tokens.response_mask[k].bool()][:-1]) for k in range(3)]
+    order = [tokenizer.decode(mb.tokens.chosen_ids[k][mb.tokens.chosen_mask[k].bool()][:-1]) for k in range(3)]
     chosen_first = [pairs.chosen.index(c) for c in order]  # the minibatch's pair order (shuffled by the seed)
     answers = [pairs.chosen[i] for i in chosen_first] + [pairs.rejected[i] for i in chosen_first]
     mis = mb.mismatched
     assert mis.query_ids.shape[0] == 6
     got = [tokenizer.decode(mis.response_ids[k][mis.response_mask[k].bool()][:-1]) for k in range(6)]
     assert got == answers[1:] + answers[:1]
-    torch.testing.assert_close(mis.query_ids, mb.tokens.query_ids)
+    torch.testing.assert_close(mis.query_ids, mb.tokens.query_ids.repeat(2, 1))  # each prompt, twice
 
 
 def test_soft_labels_weight_each_pair_and_init_adapter_is_the_reference(tiny, tokenizer, tmp_path):

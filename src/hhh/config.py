@@ -404,6 +404,8 @@ class DPOConfig(PolicyJobSettings):
     max_completion_tokens: int = Field(64, gt=1, description="completion tokens trained on (longer are cut)")
     temperature: float = Field(0.7, gt=0, description="sampling temperature (pairs built here, evaluation); the "
                                                       "preference losses take log-probs at T = 1, as the DPO paper")
+    share_prompt: bool = Field(True, description="one row per pair: the prompt once, each completion attending "
+                                                 "to it (a 4D mask; sdpa or eager attention); false: two rows")
     # loss
     loss: typing.Literal["sigmoid", "robust", "ipo", "hinge", "simpo", "orpo", "kto"] = Field(
         "sigmoid", description="sigmoid (DPO), robust, ipo, hinge, simpo, orpo or kto")

@@ -45,6 +45,95 @@ class Tokens:
     def mask(self) -> Tensor:  # (B, Q+R)
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
+    # What a forward pass reads (hhh.models.Policy), the same for PairTokens:
+    def attention(self) -> Tensor:  # (B, Q+R) padding mask; the model adds causality
+        return self.mask()
+
+    def position_ids(self) -> Tensor:  # (B, Q+R)
+        return positions(self.mask())
+
+    def scored(self) -> Tensor:
+        """(R,) the positions whose logits predict the response tokens: Q-1 (the prompt's last) to Q+R-2."""
+        Q, R = self.query_ids.shape[1], self.response_ids.shape[1]
+        return torch.arange(Q - 1, Q + R - 1, device=self.query_ids.device)
+
+
+@dataclass(frozen=True, eq=False)
+class PairTokens:
+    """Preference pairs, one row each: the prompt once, then its chosen and its rejected completion. A 4D attention
+    mask lets each completion see the prompt and itself only, and both continue the prompt's positions, so every
+    log-prob equals that of the two rows prompt + chosen and prompt + rejected (the Tokens of `plain()`), and the
+    prompt's tokens go through the model once instead of twice. Its `response_ids` are both completions side by
+    side, (b, C+R): chosen, then rejected."""
+
+    query_ids: Tensor      # (b, Q) left-padded, chat-templated prompt tokens
+    query_mask: Tensor     # (b, Q)
+    chosen_ids: Tensor     # (b, C) right-padded, EOS included
+    chosen_mask: Tensor    # (b, C)
+    rejected_ids: Tensor   # (b, R) right-padded, EOS included
+    rejected_mask: Tensor  # (b, R)
+    source: PairTokens | None = None  # the batch these pairs were taken from (a cached trunk of it serves them)
+    rows: Tensor | None = None        # (b,) their indices in `source`
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> PairTokens:
+        rows = torch.arange(len(self))[index]
+        parts = (self.query_ids[index], self.query_mask[index], self.chosen_ids[index], self.chosen_mask[index],
+                 self.rejected_ids[index], self.rejected_mask[index])
+        if self.source is None:
+            return PairTokens(*parts, source=self, rows=rows)
+        assert self.rows is not None
+        return PairTokens(*parts, source=self.source, rows=self.rows[rows])
+
+    @property
+    def response_ids(self) -> Tensor:  # (b, C+R)
+        return torch.cat([self.chosen_ids, self.rejected_ids], dim=1)
+
+    @property
+    def response_mask(self) -> Tensor:  # (b, C+R)
+        return torch.cat([self.chosen_mask, self.rejected_mask], dim=1)
+
+    def ids(self) -> Tensor:  # (b, Q+C+R)
+        return torch.cat([self.query_ids, self.chosen_ids, self.rejected_ids], dim=1)
+
+    def attention(self) -> Tensor:
+        """(b, 1, L, L) bool, True where query position i attends to key j: j <= i, j a real token, and j in the
+        prompt or in i's own completion. The diagonal is always on, so a padding position attends to itself
+        rather than to nothing (a softmax over no keys is NaN); no real position ever attends to padding."""
+        Q, C, R = self.query_ids.shape[1], self.chosen_ids.shape[1], self.rejected_ids.shape[1]
+        device = self.query_ids.device
+        block = torch.cat([torch.full((Q,), 0), torch.full((C,), 1), torch.full((R,), 2)]).to(device)  # (L,)
+        index = torch.arange(Q + C + R, device=device)
+        causal = index[None, :] <= index[:, None]  # (L, L) [i, j]
+        same = (block[None, :] == 0) | (block[None, :] == block[:, None])
+        real = torch.cat([self.query_mask, self.chosen_mask, self.rejected_mask], dim=1).bool()  # (b, L)
+        allowed = (causal & same)[None] & real[:, None, :]
+        return (allowed | torch.eye(Q + C + R, dtype=torch.bool, device=device))[:, None]
+
+    def position_ids(self) -> Tensor:  # (b, L): both completions continue from the prompt's length
+        prompt = positions(self.query_mask)
+        start = self.query_mask.sum(-1, keepdim=True)
+        return torch.cat([prompt, start + positions(self.chosen_mask), start + positions(self.rejected_mask)], dim=1)
+
+    def scored(self) -> Tensor:
+        """(C+R,) the positions predicting each chosen token, then each rejected one: both first tokens are
+        predicted by the prompt's last position, Q-1."""
+        Q, C, R = self.query_ids.shape[1], self.chosen_ids.shape[1], self.rejected_ids.shape[1]
+        device = self.query_ids.device
+        return torch.cat([torch.arange(Q - 1, Q + C - 1), torch.tensor([Q - 1]), torch.arange(Q + C, Q + C + R - 1)]
+                         ).to(device)
+
+    def per_completion(self, values: Tensor) -> Tensor:
+        """(2b,) sums of (b, C+R) `values` over each chosen completion, then each rejected one: the row order of
+        the same pairs as plain rows (prompts * 2, chosen + rejected)."""
+        C = self.chosen_ids.shape[1]
+        return torch.cat([values[:, :C].sum(-1), values[:, C:].sum(-1)])
+
+
+Batch = Tokens | PairTokens  # what a log-prob pass reads
+
 
 @dataclass(frozen=True)
 class Rollout:
@@ -104,23 +193,41 @@ def prompt_response_tokens(tokenizer, prompts: Sequence[Prompt], responses: Sequ
     """Chat-templated prompts (left-padded) + given responses, each cut to max_response_tokens - 1 tokens and
     ended with EOS (right-padded): what the sampler would have produced, for training on fixed text. A response
     with ended[i] False was cut at a length limit: no EOS (a model must not learn to stop where it was cut)."""
-    stops = [True] * len(responses) if ended is None else list(ended)
-    tails = [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1]
-             + ([tokenizer.eos_token_id] if stop else []) for r, stop in zip(responses, stops, strict=True)]
+    tails = _response_ids(tokenizer, responses, max_response_tokens, ended)
     return tokens_from_ids(chat_prompt_ids(tokenizer, prompts), tails, tokenizer.pad_token_id, device)
+
+
+def _response_ids(tokenizer, responses: Sequence[str], max_response_tokens: int,
+                  ended: Sequence[bool] | None = None) -> list[list[int]]:
+    stops = [True] * len(responses) if ended is None else list(ended)
+    return [tokenizer(r, add_special_tokens=False)["input_ids"][: max_response_tokens - 1]
+            + ([tokenizer.eos_token_id] if stop else []) for r, stop in zip(responses, stops, strict=True)]
+
+
+def pair_tokens(tokenizer, prompts: Sequence[Prompt], chosen: Sequence[str], rejected: Sequence[str],
+                max_response_tokens: int, device=None) -> PairTokens:
+    """Preference pairs packed one row each (PairTokens): the same prompt and completion tokens, cut and ended
+    alike, as prompt_response_tokens(prompts * 2, chosen + rejected)."""
+    pad = tokenizer.pad_token_id
+    return PairTokens(*left_pad(chat_prompt_ids(tokenizer, prompts), pad, device),
+                      *right_pad(_response_ids(tokenizer, chosen, max_response_tokens), pad, device),
+                      *right_pad(_response_ids(tokenizer, rejected, max_response_tokens), pad, device))
 
 
 def tokens_from_ids(queries: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
                     device=None) -> Tokens:
     """A token batch from id lists: queries left-padded, responses right-padded (each response non-empty)."""
-    q_ids, q_mask = left_pad(queries, pad_id, device)
-    width = max(len(t) for t in responses)
-    r_ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    r_mask = torch.zeros((len(responses), width), dtype=torch.long)
-    for i, t in enumerate(responses):
-        r_ids[i, : len(t)] = torch.tensor(list(t), dtype=torch.long)
-        r_mask[i, : len(t)] = 1
-    return Tokens(q_ids, q_mask, r_ids.to(device), r_mask.to(device))
+    return Tokens(*left_pad(queries, pad_id, device), *right_pad(responses, pad_id, device))
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[Tensor, Tensor]:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hhh.losses import entropy_from_logprobs
-from hhh.rollout import Tokens, last_positions, positions
+from hhh.rollout import Batch, Tokens, last_positions
 
 __all__ = ["Forward", "Policy", "Tokens", "build_policy", "frozen_trunk_depth"]
 
@@ -68,7 +68,7 @@ class Policy(nn.Module):
         # and every update pass then run only the adapted top layers (with LoRA on the top 10 of 30 layers, a third
         # of the model).
         self.split = frozen_trunk_depth(lm)
-        self._trunks: dict[int, tuple[Tokens, Tensor]] = {}
+        self._trunks: dict[int, tuple[Batch, Tensor]] = {}
         self._copies: dict[torch.dtype, nn.Module] = {}  # sampler(dtype)'s merged copies, one per dtype
         # The parameters that train, fixed here (and by add_adapter). PEFT's set_adapter (also run when
         # disable_adapter() exits) rewrites requires_grad of every adapter to "active or not", which would freeze
@@ -103,7 +103,7 @@ class Policy(nn.Module):
 
     # --- the frozen trunk -------------------------------------------------------------------------------------
     @contextmanager
-    def frozen_trunk(self, *batches: Tokens, micro_batch_size: int | None = None):
+    def frozen_trunk(self, *batches: Batch, micro_batch_size: int | None = None):
         """Within: every pass over `batches` or rows of them runs only the adapted top layers, on the frozen
         bottom layers' output computed here once (in micro-batches of `micro_batch_size` rows; None: whole)."""
         if not self.split:
@@ -120,7 +120,7 @@ class Policy(nn.Module):
                 self._trunks.pop(id(batch), None)
 
     @torch.no_grad()
-    def _trunk(self, tokens: Tokens) -> Tensor:
+    def _trunk(self, tokens: Batch) -> Tensor:
         """(B, Q+R, H) hidden states entering the first adapted layer: the pass stops there."""
         captured: list[Tensor] = []
 
@@ -137,7 +137,7 @@ class Policy(nn.Module):
             hook.remove()
         return captured[0]
 
-    def _cached_trunk(self, tokens: Tokens) -> Tensor | None:
+    def _cached_trunk(self, tokens: Batch) -> Tensor | None:
         if tokens.source is None:
             hit = self._trunks.get(id(tokens))
             return None if hit is None else hit[1]
@@ -158,28 +158,33 @@ class Policy(nn.Module):
             decoder.layers = layers
 
     # --- passes -----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _kwargs(tokens: Tokens, *, hidden: bool, keep: int | None = None) -> dict:
-        mask = tokens.mask()
-        keep = keep if keep is not None else tokens.response_ids.shape[1] + 1
-        return {"attention_mask": mask, "position_ids": positions(mask), "output_hidden_states": hidden,
-                "use_cache": False, "logits_to_keep": last_positions(mask.shape[1], keep, mask.device)}
+    def _kwargs(self, tokens: Batch, *, hidden: bool, last: bool = False) -> dict:
+        """The model's arguments for `tokens`; logits at the positions that predict its response tokens (last:
+        at the last position only, when only the hidden states are wanted)."""
+        mask = tokens.attention()
+        if mask.dim() == 4 and self.lm.config._attn_implementation != "sdpa":
+            # eager attention adds the mask to its scores: 0 where allowed, the dtype's lowest value elsewhere
+            dtype = next(self.lm.parameters()).dtype
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        width = mask.shape[-1]
+        keep = last_positions(width, 1, mask.device) if last else tokens.scored()
+        return {"attention_mask": mask, "position_ids": tokens.position_ids(), "output_hidden_states": hidden,
+                "use_cache": False, "logits_to_keep": keep}
 
-    def _run(self, tokens: Tokens, kw: dict):
+    def _run(self, tokens: Batch, kw: dict):
         trunk = self._cached_trunk(tokens)
         if trunk is None:
             return self.lm(input_ids=tokens.ids(), **kw)
         with self._top_layers_only():
             return self.lm(inputs_embeds=trunk, **kw)
 
-    def forward(self, tokens: Tokens, *, temperature: float, entropy: Literal["measure", "train"] | None = None,
+    def forward(self, tokens: Batch, *, temperature: float, entropy: Literal["measure", "train"] | None = None,
                 hidden: bool = False) -> Forward:
         """Log-probs of the response tokens at `temperature`; optionally the entropy ("measure": no graph through
         the (B, R, V) probabilities; "train": with one) and the last hidden state before each response token."""
-        R = tokens.response_ids.shape[1]
         out = self._run(tokens, self._kwargs(tokens, hidden=hidden))
-        # Only the R + 1 last positions' logits exist (logits_to_keep): never (B, Q+R, V).
-        logits = out.logits[:, :-1].float() / temperature  # (B, R, V): position t predicts response token t
+        # Only the scored positions' logits exist (logits_to_keep): never (B, Q+R, V).
+        logits = out.logits.float() / temperature  # (B, R, V): the t-th predicts response token t
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, tokens.response_ids[..., None]).squeeze(-1)  # (B, R)
         ent = None
@@ -187,15 +192,14 @@ class Policy(nn.Module):
             grad = entropy == "train" and torch.is_grad_enabled()
             with torch.set_grad_enabled(grad):
                 ent = entropy_from_logprobs(logp_all if grad else logp_all.detach())
-        states = out.hidden_states[-1][:, -(R + 1) : -1].float() if hidden else None  # (B, R, H)
+        states = out.hidden_states[-1][:, tokens.scored()].float() if hidden else None  # (B, R, H)
         return Forward(logp, ent, states)
 
-    def hidden_states(self, tokens: Tokens, adapter: str) -> Tensor:
+    def hidden_states(self, tokens: Batch, adapter: str) -> Tensor:
         """(B, R, H) last hidden state before each response token, under another trainable adapter."""
-        R = tokens.response_ids.shape[1]
         with self._adapter(adapter):
-            out = self._run(tokens, self._kwargs(tokens, hidden=True, keep=1))
-        return out.hidden_states[-1][:, -(R + 1) : -1].float()
+            out = self._run(tokens, self._kwargs(tokens, hidden=True, last=True))
+        return out.hidden_states[-1][:, tokens.scored()].float()
 
     @contextmanager
     def _adapter(self, name: str):
@@ -220,7 +224,7 @@ class Policy(nn.Module):
             yield self
 
     @torch.no_grad()
-    def reference_logprobs(self, tokens: Tokens, *, temperature: float) -> Tensor:
+    def reference_logprobs(self, tokens: Batch, *, temperature: float) -> Tensor:
         """(B, R) the reference's log-probs of the response tokens."""
         with self.reference():
             return self(tokens, temperature=temperature).logprobs

@@ -1,7 +1,8 @@
 """Offline preference tuning: DPO (Rafailov et al. 2023) and its family, on a LoRA adapter.
 
     # 1. pairs: a JSONL / hf: / preference-store set, or sampled from the base model and ranked by the reward
-    # 2. tokens: chat-formatted prompt (as in rollout) + each completion + EOS; fixed minibatches of pairs
+    # 2. tokens: chat-formatted prompt (as in rollout) + each completion + EOS; fixed minibatches of pairs;
+    #    one row per pair (hhh.rollout.PairTokens): the prompt once, chosen and rejected each attending to it
     # 3. reference log-probs: the same base with the adapter disabled, once per minibatch, cached
     #    (the frozen lower layers' output is cached too, Policy.frozen_trunk: later passes run only the top layers)
     # 4. epochs over the minibatches (shuffled order): policy log-probs of chosen and rejected, the loss
@@ -29,7 +30,7 @@ from hhh import metrics as M
 from hhh.config import DPOConfig
 from hhh.data.pairs import Pairs, load_pairs
 from hhh.models.policy import Policy
-from hhh.rollout import Tokens, prompt_response_tokens
+from hhh.rollout import Batch, PairTokens, Tokens, pair_tokens, prompt_response_tokens
 from hhh.runs import RunDir
 from hhh.train.loop import GracefulStop, Trained, clip_and_step, linear_decay, step_generator
 
@@ -39,23 +40,27 @@ NO_REFERENCE = ("simpo", "orpo")
 
 @dataclass(frozen=True)
 class Minibatch:
-    tokens: Tokens | None  # (2b rows): rows [0, b) are the prompts with their chosen completion, [b, 2b) the same
-                           # prompts with their rejected one; completion + EOS, right-padded. On several processes
-                           # this rank's pairs of the minibatch (None: none of them)
+    tokens: Batch | None  # PairTokens (b rows: each prompt once, its chosen and its rejected completion), or
+                          # Tokens (2b rows: [0, b) the prompts with their chosen completion, [b, 2b) the same
+                          # prompts with their rejected one); completions + EOS, right-padded. On several processes
+                          # this rank's pairs of the minibatch (None: none of them)
     total: int  # the pairs of the whole minibatch, over every process
     mismatched: Tokens | None = None  # KTO: (2b rows), the prompt of row k with the completion of row k+1 mod 2b
     label_smoothing: Tensor | None = None  # (b,) sigmoid loss: per pair, 1 - P(chosen is better) of a soft label
 
     @property
     def pairs(self) -> int:
-        return 0 if self.tokens is None else len(self.tokens) // 2
+        if self.tokens is None:
+            return 0
+        return len(self.tokens) if isinstance(self.tokens, PairTokens) else len(self.tokens) // 2
 
-    def rows(self, pairs: slice) -> tuple[Tensor, Tokens]:
-        """The row indices of `pairs` (their chosen rows, then their rejected rows) and those rows."""
+    def rows(self, pairs: slice) -> tuple[Tensor, Batch]:
+        """The indices of `pairs` in the minibatch's (2b,) completions (their chosen ones, then their rejected
+        ones; what sequence_logps returns) and the token rows of those pairs."""
         assert self.tokens is not None
         b = self.pairs
         idx = torch.cat([torch.arange(b)[pairs], torch.arange(b)[pairs] + b])
-        return idx, self.tokens[idx]
+        return idx, self.tokens[pairs] if isinstance(self.tokens, PairTokens) else self.tokens[idx]
 
 
 def build_pairs(config: DPOConfig, model, tokenizer, console) -> Pairs:
@@ -108,7 +113,9 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
         if not len(b):
             out.append(Minibatch(None, len(ids)))
             continue
-        tokens = _tokens(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device)
+        tokens: Batch = (pair_tokens(tokenizer, b.prompts, b.chosen, b.rejected, config.max_completion_tokens, device)
+                         if config.share_prompt else
+                         _tokens(tokenizer, b.prompts * 2, b.chosen + b.rejected, config.max_completion_tokens, device))
         mismatched = None
         if config.loss == "kto":
             # KTO's reference point [Ethayarajh24 sec. 4.1]: each of the 2b examples (x_k, y_k), desirable and
@@ -131,15 +138,19 @@ def minibatches(pairs: Pairs, tokenizer, config: DPOConfig, device) -> list[Mini
     return out
 
 
-def sequence_logps(policy: Policy, tokens: Tokens, *, reference: bool = False) -> tuple[Tensor, Tensor]:
-    """(sum, mean) of log pi over each row's completion tokens, (2b,) each.
+def sequence_logps(policy: Policy, tokens: Batch, *, reference: bool = False) -> tuple[Tensor, Tensor]:
+    """(sum, mean) of log pi over each completion's tokens, (2b,) each: the b chosen completions, then the b
+    rejected ones (from PairTokens or from 2b rows alike).
 
     At temperature 1, whatever the sampling temperature: the DPO family's beta is defined on the model's own
     log-probs (the DPO paper, TRL), and at T = 0.7 every sequence log-prob, and so the margin, would be rescaled."""
     logp = policy.reference_logprobs(tokens, temperature=1.0) if reference else policy(tokens, temperature=1.0).logprobs
     mask = tokens.response_mask.float()
-    total = (logp * mask).sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1)
+    if isinstance(tokens, PairTokens):
+        total, count = tokens.per_completion(logp * mask), tokens.per_completion(mask)
+    else:
+        total, count = (logp * mask).sum(-1), mask.sum(-1)
+    return total, total / count.clamp(min=1)
 
 
 def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor] | None,
