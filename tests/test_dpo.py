@@ -144,6 +144,31 @@ def test_a_dpo_run_with_shared_prompts_logs_what_two_rows_log(tokenizer, tmp_pat
         assert packed == pytest.approx(plain, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.parametrize("attention, shares", [("sdpa", True), ("eager", True), ("flash_attention_2", False)])
+def test_attention_without_4d_masks_gets_two_rows_per_pair_and_a_line_saying_so(tokenizer, attention, shares):
+    """flash-attention kernels read padding only: under one, DPO keeps two rows per pair rather than hand the model
+    a mask it would misread; sdpa and eager take the 4D mask. share_prompt off is kept off, silently."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from hhh.models import tiny_causal_lm
+    from hhh.train.dpo import prompt_sharing
+
+    base = tiny_causal_lm(tokenizer, seed=0)
+    base.config._attn_implementation = attention  # build_policy runs no forward
+    policy = build_policy(base, LoraSettings(r=4))
+    text = StringIO()
+    console = Console(file=text, width=200)
+    assert policy.takes_4d_masks == shares
+    assert prompt_sharing(DPOConfig(), policy, console).share_prompt == shares
+    assert ("flash_attention_2 attention takes no 4D mask: two rows per pair" in text.getvalue()) == (not shares)
+    assert prompt_sharing(DPOConfig(share_prompt=False), policy, console).share_prompt is False
+    assert text.getvalue().count("\n") == (0 if shares else 1)
+    mb = minibatches(toy_pairs(4), tokenizer, prompt_sharing(DPOConfig(), policy, Console(quiet=True)), "cpu")[0]
+    assert mb.pairs == 4 and (mb.tokens.ids().shape[0] == (4 if shares else 8))
+
+
 def test_dpo_logs_both_logps_and_the_implicit_rewards(tiny, tokenizer, tmp_path):
     config = DPOConfig(batch_size=4, epochs=1)
     run = RunDir.create("dpo", config, str(tmp_path / "run"))

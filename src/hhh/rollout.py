@@ -62,8 +62,8 @@ class Tokens:
 class PairTokens:
     """Preference pairs, one row each: the prompt once, then its chosen and its rejected completion. A 4D attention
     mask lets each completion see the prompt and itself only, and both continue the prompt's positions, so every
-    log-prob equals that of the two rows prompt + chosen and prompt + rejected (the Tokens of `plain()`), and the
-    prompt's tokens go through the model once instead of twice. Its `response_ids` are both completions side by
+    log-prob equals that of the two rows prompt + chosen and prompt + rejected (Tokens), and the prompt's tokens go
+    through the model once instead of twice. Its `response_ids` are both completions side by
     side, (b, C+R): chosen, then rejected."""
 
     query_ids: Tensor      # (b, Q) left-padded, chat-templated prompt tokens

@@ -158,6 +158,13 @@ class Policy(nn.Module):
             decoder.layers = layers
 
     # --- passes -----------------------------------------------------------------------------------------------
+    @property
+    def takes_4d_masks(self) -> bool:
+        """Whether the model's attention reads a 4D mask (PairTokens) as given: sdpa and eager do; flash-attention
+        kernels take padding only. (The mask is used as given, so a sliding window would not apply: the bundled
+        model has none.)"""
+        return self.lm.config._attn_implementation in ("sdpa", "eager")
+
     def _kwargs(self, tokens: Batch, *, hidden: bool, last: bool = False) -> dict:
         """The model's arguments for `tokens`; logits at the positions that predict its response tokens (last:
         at the last position only, when only the hidden states are wanted)."""

@@ -207,7 +207,7 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
     policy = build_policy(base, config.lora(), seed=config.seed, init_adapter=config.init_adapter)
     device = next(policy.parameters()).device
     # 2. tokens, fixed minibatches
-    batches = minibatches(pairs, tokenizer, config, device)
+    batches = minibatches(pairs, tokenizer, prompt_sharing(config, policy, console), device)
     # 3. the frozen trunk of every minibatch and the reference log-probs, once
     t0 = time.time()
     with policy.frozen_trunk(*(mb.tokens for mb in batches if mb.tokens is not None)):
@@ -221,6 +221,16 @@ def train_dpo(config: DPOConfig, run: RunDir, pairs: Pairs, *, base, tokenizer, 
         policy.save(run.path / "adapter")
     D.barrier()
     return policy
+
+
+def prompt_sharing(config: DPOConfig, policy: Policy, console) -> DPOConfig:
+    """`config`, or a copy with share_prompt off (and a line saying why) when the model's attention cannot read the
+    4D mask that one row per pair needs (flash-attention kernels read padding only)."""
+    if not config.share_prompt or policy.takes_4d_masks:
+        return config
+    console.print(f"{policy.lm.config._attn_implementation} attention takes no 4D mask: two rows per pair "
+                  "(share_prompt needs sdpa or eager attention)")
+    return config.model_copy(update={"share_prompt": False})
 
 
 def _kto_reference_point(policy: Policy, mb: Minibatch, ref: Tensor | None) -> Tensor:
