@@ -57,6 +57,9 @@ class Tokens:
         Q, R = self.query_ids.shape[1], self.response_ids.shape[1]
         return torch.arange(Q - 1, Q + R - 1, device=self.query_ids.device)
 
+    def per_completion(self, values: Tensor) -> Tensor:  # (B,) sums of (B, R) values over each row's response
+        return values.sum(-1)
+
 
 @dataclass(frozen=True, eq=False)
 class PairTokens:

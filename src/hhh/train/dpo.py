@@ -146,11 +146,8 @@ def sequence_logps(policy: Policy, tokens: Batch, *, reference: bool = False) ->
     log-probs (the DPO paper, TRL), and at T = 0.7 every sequence log-prob, and so the margin, would be rescaled."""
     logp = policy.reference_logprobs(tokens, temperature=1.0) if reference else policy(tokens, temperature=1.0).logprobs
     mask = tokens.response_mask.float()
-    if isinstance(tokens, PairTokens):
-        total, count = tokens.per_completion(logp * mask), tokens.per_completion(mask)
-    else:
-        total, count = (logp * mask).sum(-1), mask.sum(-1)
-    return total, total / count.clamp(min=1)
+    total = tokens.per_completion(logp * mask)
+    return total, total / tokens.per_completion(mask).clamp(min=1)
 
 
 def preference_loss(config: DPOConfig, pi: tuple[Tensor, Tensor], ref: tuple[Tensor, Tensor] | None,
