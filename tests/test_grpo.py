@@ -1,3 +1,4 @@
+import contextlib
 import json
 import subprocess
 import sys
@@ -74,15 +75,17 @@ def test_a_bf16_sampler_samples_every_rollout_and_check_and_the_update_starts_fr
     assert "sampler_dtype = \"bfloat16\"" in (run.path / "config.toml").read_text()
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("cls, extra, rows", [(GRPOConfig, {}, 8), (GRPOConfig, {"epochs": 2}, 8),
                                               (RLOOConfig, {}, 16)])
-def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(cls, extra, rows, tokenizer, tmp_path,
-                                                                          monkeypatch):
+def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(cls, extra, rows, share, tokenizer,
+                                                                          tmp_path, monkeypatch):
     """After a bf16 sampler the old log-probs are recomputed in fp32. The first minibatch's rows need no such pass:
     no update has happened when their training forward runs, so its detached log-probs are the old policy's (TRL
     does the same when a batch is one optimizer step). GRPO runs the pass over the other 8 of 16 rows only; RLOO
     runs it over all 16 (its advantages need every row's KL before the update). Either way, after each update the
-    batch's old log-probs equal a fresh forward of the adapter that sampled."""
+    batch's old log-probs equal a fresh forward of the adapter that sampled. With a group per row (share_prompt)
+    every minibatch and micro-batch is whole groups."""
     import hhh.train.groups as G
     from hhh.models.policy import Policy
 
@@ -103,20 +106,26 @@ def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(cls, e
 
     def counting(self, tokens, **kwargs):
         if inside["old"] and not inside["ref"] and not torch.is_grad_enabled():
-            rows_passed.append(len(tokens.response_ids))
+            rows_passed.append(len(tokens.response_ids) * tokens.completions_per_row)
         return forward(self, tokens, **kwargs)
 
     update = G.update
 
-    def checking(policy, optimizer, scheduler, batch, *args, **kwargs):
+    losses: list[tuple[list[int], list[int]]] = []
+
+    def checking(policy, optimizer, scheduler, batch, loss, *args, **kwargs):
+        def seen(logp, i, minibatch, b):
+            losses.append((i.tolist(), minibatch.tolist()))
+            return loss(logp, i, minibatch, b)
+
         before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
-        stats = update(policy, optimizer, scheduler, batch, *args, **kwargs)
+        stats = update(policy, optimizer, scheduler, batch, seen, *args, **kwargs)
         after = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if n in before:
                     p.copy_(before[n])
-            fresh = policy(batch.tokens, temperature=0.7).logprobs  # inside the step's frozen_trunk
+            fresh = batch.tokens.unpack(policy(batch.tokens, temperature=0.7).logprobs)  # inside the frozen_trunk
             for n, p in policy.named_parameters():
                 if n in after:
                     p.copy_(after[n])
@@ -129,8 +138,11 @@ def test_the_first_minibatch_takes_its_old_log_probs_from_its_own_forward(cls, e
     monkeypatch.setattr(Policy, "forward", counting)
     monkeypatch.setattr(G, "update", checking)
     run, (_, steps, _, _) = run_online(cls, tokenizer, tmp_path, "first", steps=2, sampler_dtype="bfloat16",
-                                       temperature=0.7, **extra)
+                                       temperature=0.7, share_prompt=share, **extra)
     assert steps == 2 and sum(rows_passed) == 2 * rows, rows_passed
+    if share:  # groups of 4 rows
+        assert all(sorted(rows) == sorted({4 * (r // 4) + k for r in rows for k in range(4)})
+                   for pair in losses for rows in pair)
     assert len(checked) == 2 and max(checked) < 1e-5, checked
     m = run.metrics()
     assert abs(m[0]["kl/k1"]) < 1e-5 and all(torch.isfinite(torch.tensor(x["kl/k1"])) for x in m)
@@ -212,7 +224,7 @@ def test_rloo_updates_are_importance_weighted_against_the_old_policy(tokenizer):
         r = _rollout(policy, tokenizer)
         tokens = r.tokens
         with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
-            old, ref = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
+            old, ref = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
             adv = torch.tensor([1.0, -1.0] * 4)
             before = {n: p.detach().clone() for n, p in policy.named_parameters() if p.requires_grad}
             opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
@@ -256,8 +268,120 @@ def test_old_log_probs_in_bf16_come_from_the_training_forward(tokenizer):
     tokens = r.tokens
     assert r.tokens is tokens  # one object: the trunk cached for it serves every pass
     with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
-        old, _ = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature)
+        old, _ = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size, config.temperature)
         with torch.no_grad():
             new = policy(tokens, temperature=config.temperature).logprobs
     mask = r.response_mask.bool()
     assert torch.equal(old[mask], new[mask])
+
+
+def grouped_rows(tokenizer):
+    """Two groups of three completions of different lengths, the second group's prompt longer: a step's rows as the
+    sampler returns them (prompts left-padded, completions right-padded, each group's rows consecutive)."""
+    from hhh.rollout import prompt_response_tokens
+
+    prompts = ["Hi?", "Tell me a long story about a cat who sails around the world, please."]
+    completions = ["yes", "sure thing, here you go, a poem", "no", "once upon a time", "a cat", "the end of it all"]
+    return prompt_response_tokens(tokenizer, [p for p in prompts for _ in range(3)], completions, 16)
+
+
+@pytest.mark.parametrize("attention, trunk", [("sdpa", False), ("sdpa", True), ("eager", True)])
+def test_a_group_in_one_row_gives_the_log_probs_entropies_and_gradients_of_its_rows(tokenizer, attention, trunk):
+    """GroupTokens (each prompt once, its G completions attending to it through a 4D mask) == the plain rows prompt +
+    completion: the policy's and the reference's per-token log-probs and the entropies within float noise on every
+    completion token, and the adapter's gradients from micro-batches that split the batch differently (whole
+    groups; rows across groups), with and without a cached frozen trunk, under sdpa and eager attention."""
+    from hhh.models import LoraSettings, tiny_causal_lm
+    from hhh.models.policy import build_policy
+    from hhh.rollout import group_tokens
+
+    base = tiny_causal_lm(tokenizer, layers=3, seed=1)
+    base.config._attn_implementation = attention
+    policy = build_policy(base, LoraSettings(r=4, top_layers=2 if trunk else None))
+    assert (policy.split > 0) == trunk
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    rows = grouped_rows(tokenizer)
+    groups = group_tokens(rows, 3)
+    mask = rows.response_mask.bool()
+    weights = torch.arange(1.0, 7.0)[:, None]  # uneven per row
+    results = {}
+    for tokens, micro in ((groups, [torch.tensor([1]), torch.tensor([0])]),
+                          (rows, [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5])])):
+        policy.zero_grad(set_to_none=True)
+        with policy.frozen_trunk(tokens) if trunk else contextlib.nullcontext():
+            ref = tokens.unpack(policy.reference_logprobs(tokens, temperature=0.7))
+            logp, entropy = [], []
+            for u in micro:
+                out = policy(tokens[u], temperature=0.7, entropy="measure")
+                i = tokens.row_indices(u)
+                lp = tokens.unpack(out.logprobs)
+                (lp * weights[i] * mask[i]).sum().backward()
+                logp.append((i, lp.detach()))
+                entropy.append(tokens.unpack(out.entropy))
+        order = torch.cat([i for i, _ in logp]).argsort()
+        new = torch.cat([lp for _, lp in logp])[order]
+        results[tokens is groups] = (ref[mask], new[mask], torch.cat(entropy)[order][mask],
+                                     [p.grad.clone() for p in policy.trainable_parameters()])
+    packed, plain = results[True], results[False]
+    for a, b in zip(packed[:3], plain[:3], strict=True):
+        assert a.shape == b.shape == (int(mask.sum()),)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(bool(g.abs().sum() > 0) for g in packed[3])
+    for a, b in zip(packed[3], plain[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    assert groups.ids().numel() < rows.ids().numel() and len(groups) == 2 and groups.unpack(groups.response_ids).equal(
+        rows.response_ids)
+
+
+def test_only_whole_groups_of_one_prompt_go_in_a_row(tokenizer):
+    from hhh.rollout import group_tokens
+
+    rows = grouped_rows(tokenizer)
+    with pytest.raises(ValueError, match="6 rows are not whole groups of 4"):
+        group_tokens(rows, 4)
+    with pytest.raises(ValueError, match="rows in a group of 2 have different prompts"):
+        group_tokens(rows, 2)  # rows 2 and 3 hold different prompts
+    assert group_tokens(rows, 3).row_indices(torch.tensor([1, 0])).tolist() == [3, 4, 5, 0, 1, 2]
+
+
+@pytest.mark.parametrize("cls, extra", [(GRPOConfig, {}), (GRPOConfig, {"aggregation": "token"}), (RLOOConfig, {}),
+                                        (RLOOConfig, {"advantage": "reinforce++"})])
+def test_a_run_with_a_group_per_row_logs_what_a_row_per_completion_logs(cls, extra, tokenizer, tmp_path):
+    """The same three steps (one minibatch a step, so both layouts see the same rows in each optimizer step) with
+    share_prompt on (the default) and off: every logged metric within float noise."""
+    logs = {}
+    for share in (True, False):
+        run, _ = run_online(cls, tokenizer, tmp_path, f"share{share}", steps=3, minibatch_size=16, micro_batch_size=6,
+                            share_prompt=share, **extra)
+        logs[share] = [{k: v for k, v in m.items() if not k.startswith("time/")} for m in run.metrics()]
+    assert len(logs[True]) == 3 and logs[True][2]["kl/k1"] > 0
+    for packed, plain in zip(logs[True], logs[False], strict=True):
+        assert packed.pop("alarms") == plain.pop("alarms")
+        assert packed == pytest.approx(plain, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("attention, minibatch, shares, line", [
+    ("sdpa", 8, True, None), ("eager", 8, True, None),
+    ("flash_attention_2", 8, False, "flash_attention_2 attention takes no 4D mask (share_prompt needs sdpa or eager)"),
+    ("sdpa", 6, False, "a minibatch of 6 completions per process is not whole groups of 4")])
+def test_a_group_per_row_falls_back_to_rows_with_a_line_saying_why(tokenizer, attention, minibatch, shares, line):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from hhh.models import LoraSettings, tiny_causal_lm
+    from hhh.models.policy import build_policy
+    from hhh.train.groups import prompt_sharing
+
+    base = tiny_causal_lm(tokenizer, seed=0)
+    base.config._attn_implementation = attention  # build_policy runs no forward
+    policy = build_policy(base, LoraSettings(r=4))
+    text = StringIO()
+    console = Console(file=text, width=200)
+    assert prompt_sharing(GRPOConfig(minibatch_size=minibatch, group_size=4), policy, console) is shares
+    assert text.getvalue() == ("" if line is None else f"{line}: one row per completion\n")
+    assert prompt_sharing(GRPOConfig(share_prompt=False), policy, console) is False
+    assert text.getvalue().count("\n") == (0 if shares else 1)

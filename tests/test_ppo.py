@@ -283,7 +283,7 @@ def test_a_bf16_rollout_gets_its_old_logprobs_from_the_fp32_training_forward(tok
             assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # still tied
             r = sample(model, tokenizer, prompts, max_new_tokens=10, generator=torch.Generator().manual_seed(4))
         with policy.frozen_trunk(r.tokens, micro_batch_size=4):
-            old, ref = old_and_reference_logprobs(policy, r, 4, 0.7)
+            old, ref = old_and_reference_logprobs(policy, r, r.tokens, 4, 0.7)
         with torch.no_grad():
             fresh = policy(r.tokens, temperature=0.7).logprobs * r.response_mask
         torch.testing.assert_close(old * r.response_mask, fresh, rtol=0, atol=1e-5)

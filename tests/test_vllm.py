@@ -175,6 +175,6 @@ def test_vllm_rollout_in_bf16_is_not_recomputed_a_second_time(tokenizer, monkeyp
     forward = Policy.forward
     monkeypatch.setattr(Policy, "forward", lambda self, *a, **k: passes.append(1) or forward(self, *a, **k))
     with policy.frozen_trunk(r.tokens, micro_batch_size=2):
-        old, _ = old_and_reference_logprobs(policy, r, micro_batch_size=2, temperature=config.temperature)
+        old, _ = old_and_reference_logprobs(policy, r, r.tokens, micro_batch_size=2, temperature=config.temperature)
     assert len(passes) == 2  # the reference's two micro-batches, no second policy pass
     assert torch.equal(old, r.logprobs)

@@ -533,6 +533,9 @@ class GroupSettings(OnlineSettings):
 
     prompts_per_step: int = Field(8, gt=0, description="prompts per step")
     group_size: int = Field(4, ge=2, description="G: samples per prompt (the group)")
+    share_prompt: bool = Field(True, description="training passes take a group in one row: the prompt once, each "
+                                                 "completion attending to it (a 4D mask; sdpa or eager attention), "
+                                                 "minibatches of whole groups; false: one row per completion")
 
 
 class GRPOConfig(GroupSettings):

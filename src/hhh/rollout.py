@@ -60,6 +60,14 @@ class Tokens:
     def per_completion(self, values: Tensor) -> Tensor:  # (B,) sums of (B, R) values over each row's response
         return values.sum(-1)
 
+    completions_per_row = 1  # as GroupTokens: one row, one completion
+
+    def unpack(self, values: Tensor) -> Tensor:  # (B, R, ...) already the rows' layout
+        return values
+
+    def row_indices(self, rows: Tensor) -> Tensor:
+        return rows
+
 
 @dataclass(frozen=True, eq=False)
 class PairTokens:
@@ -101,32 +109,18 @@ class PairTokens:
     def ids(self) -> Tensor:  # (b, Q+C+R)
         return torch.cat([self.query_ids, self.chosen_ids, self.rejected_ids], dim=1)
 
-    def attention(self) -> Tensor:
-        """(b, 1, L, L) bool, True where query position i attends to key j: j <= i, j a real token, and j in the
-        prompt or in i's own completion. The diagonal is always on, so a padding position attends to itself
-        rather than to nothing (a softmax over no keys is NaN); no real position ever attends to padding."""
-        Q, C, R = self.query_ids.shape[1], self.chosen_ids.shape[1], self.rejected_ids.shape[1]
-        device = self.query_ids.device
-        block = torch.cat([torch.full((Q,), 0), torch.full((C,), 1), torch.full((R,), 2)]).to(device)  # (L,)
-        index = torch.arange(Q + C + R, device=device)
-        causal = index[None, :] <= index[:, None]  # (L, L) [i, j]
-        same = (block[None, :] == 0) | (block[None, :] == block[:, None])
-        real = torch.cat([self.query_mask, self.chosen_mask, self.rejected_mask], dim=1).bool()  # (b, L)
-        allowed = (causal & same)[None] & real[:, None, :]
-        return (allowed | torch.eye(Q + C + R, dtype=torch.bool, device=device))[:, None]
+    def _completion_masks(self) -> list[Tensor]:
+        return [self.chosen_mask, self.rejected_mask]
+
+    def attention(self) -> Tensor:  # (b, 1, L, L) bool: shared_prompt_attention
+        return shared_prompt_attention(self.query_mask, self._completion_masks())
 
     def position_ids(self) -> Tensor:  # (b, L): both completions continue from the prompt's length
-        prompt = positions(self.query_mask)
-        start = self.query_mask.sum(-1, keepdim=True)
-        return torch.cat([prompt, start + positions(self.chosen_mask), start + positions(self.rejected_mask)], dim=1)
+        return shared_prompt_positions(self.query_mask, self._completion_masks())
 
-    def scored(self) -> Tensor:
-        """(C+R,) the positions predicting each chosen token, then each rejected one: both first tokens are
-        predicted by the prompt's last position, Q-1."""
-        Q, C, R = self.query_ids.shape[1], self.chosen_ids.shape[1], self.rejected_ids.shape[1]
-        device = self.query_ids.device
-        return torch.cat([torch.arange(Q - 1, Q + C - 1), torch.tensor([Q - 1]), torch.arange(Q + C, Q + C + R - 1)]
-                         ).to(device)
+    def scored(self) -> Tensor:  # (C+R,) the positions predicting each chosen token, then each rejected one
+        return shared_prompt_scored(self.query_ids.shape[1], [m.shape[1] for m in self._completion_masks()],
+                                    self.query_ids.device)
 
     def per_completion(self, values: Tensor) -> Tensor:
         """(2b,) sums of (b, C+R) `values` over each chosen completion, then each rejected one: the row order of
@@ -135,7 +129,108 @@ class PairTokens:
         return torch.cat([values[:, :C].sum(-1), values[:, C:].sum(-1)])
 
 
-Batch = Tokens | PairTokens  # what a log-prob pass reads
+@dataclass(frozen=True, eq=False)
+class GroupTokens:
+    """The G completions of one prompt (a GRPO/RLOO group) in one row: the prompt once, then completion 1..G, each
+    right-padded to the same width R. Through the 4D mask each completion sees the prompt and itself only and
+    continues the prompt's positions, so its log-probs are those of its own row prompt + completion (Tokens) while
+    the prompt goes through the model once instead of G times. `unpack` turns (b, G*R) per-token values back into
+    the (b*G, R) of the rows the groups came from (row g of group p is row p*G + g)."""
+
+    query_ids: Tensor      # (b, Q) left-padded, chat-templated prompt tokens
+    query_mask: Tensor     # (b, Q)
+    response_ids: Tensor   # (b, G*R) completion k in columns k*R .. (k+1)*R - 1, each right-padded
+    response_mask: Tensor  # (b, G*R)
+    completions_per_row: int  # G
+    source: GroupTokens | None = None  # the batch these groups were taken from (a cached trunk of it serves them)
+    rows: Tensor | None = None         # (b,) their indices in `source`
+
+    def __len__(self) -> int:
+        return self.query_ids.shape[0]
+
+    def __getitem__(self, index: slice | Tensor) -> GroupTokens:
+        rows = torch.arange(len(self))[index]
+        parts = (self.query_ids[index], self.query_mask[index], self.response_ids[index], self.response_mask[index],
+                 self.completions_per_row)
+        if self.source is None:
+            return GroupTokens(*parts, source=self, rows=rows)
+        assert self.rows is not None
+        return GroupTokens(*parts, source=self.source, rows=self.rows[rows])
+
+    def ids(self) -> Tensor:  # (b, Q+G*R)
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    def _completion_masks(self) -> list[Tensor]:
+        return list(self.response_mask.chunk(self.completions_per_row, dim=1))
+
+    def attention(self) -> Tensor:  # (b, 1, L, L) bool: shared_prompt_attention
+        return shared_prompt_attention(self.query_mask, self._completion_masks())
+
+    def position_ids(self) -> Tensor:  # (b, L): every completion continues from the prompt's length
+        return shared_prompt_positions(self.query_mask, self._completion_masks())
+
+    def scored(self) -> Tensor:  # (G*R,) the positions predicting each completion's tokens, completion by completion
+        return shared_prompt_scored(self.query_ids.shape[1], [m.shape[1] for m in self._completion_masks()],
+                                    self.query_ids.device)
+
+    def unpack(self, values: Tensor) -> Tensor:  # (b, G*R, ...) -> (b*G, R, ...): the rows' order
+        return values.reshape(len(values) * self.completions_per_row, -1, *values.shape[2:])
+
+    def row_indices(self, groups: Tensor) -> Tensor:  # the rows of these groups, in order
+        G = self.completions_per_row
+        return (groups[:, None] * G + torch.arange(G, device=groups.device)).reshape(-1)
+
+    def per_completion(self, values: Tensor) -> Tensor:  # (b*G,) sums of (b, G*R) values over each completion
+        return self.unpack(values).sum(-1)
+
+
+def group_tokens(tokens: Tokens, group_size: int) -> GroupTokens:
+    """Rows that come in runs of `group_size` with the same prompt (a GRPO/RLOO step's rollout), one row per run."""
+    B, Q = tokens.query_ids.shape
+    if B % group_size:
+        raise ValueError(f"{B} rows are not whole groups of {group_size}")
+    grouped = tokens.query_ids.reshape(B // group_size, group_size, Q)
+    if not bool((grouped == grouped[:, :1]).all()):
+        raise ValueError(f"rows in a group of {group_size} have different prompts")
+    return GroupTokens(tokens.query_ids[::group_size], tokens.query_mask[::group_size],
+                       tokens.response_ids.reshape(B // group_size, -1), tokens.response_mask.reshape(B // group_size, -1),
+                       group_size)
+
+
+def shared_prompt_attention(query_mask: Tensor, completions: Sequence[Tensor]) -> Tensor:
+    """(b, 1, L, L) bool for a row holding a prompt, then completions side by side (PairTokens, GroupTokens): True
+    where query position i attends to key j: j <= i, j a real token, and j in the prompt or in i's own completion.
+    The diagonal is always on, so a padding position attends to itself rather than to nothing (a softmax over no
+    keys is NaN); no real position ever attends to padding."""
+    device = query_mask.device
+    widths = [query_mask.shape[1]] + [m.shape[1] for m in completions]
+    block = torch.cat([torch.full((w,), k) for k, w in enumerate(widths)]).to(device)  # (L,) 0: the prompt
+    L = len(block)
+    index = torch.arange(L, device=device)
+    causal = index[None, :] <= index[:, None]  # (L, L) [i, j]
+    same = (block[None, :] == 0) | (block[None, :] == block[:, None])
+    real = torch.cat([query_mask, *completions], dim=1).bool()  # (b, L)
+    allowed = (causal & same)[None] & real[:, None, :]
+    return (allowed | torch.eye(L, dtype=torch.bool, device=device))[:, None]
+
+
+def shared_prompt_positions(query_mask: Tensor, completions: Sequence[Tensor]) -> Tensor:
+    """(b, L) position ids: the prompt's, then each completion continuing from the prompt's length."""
+    start = query_mask.sum(-1, keepdim=True)
+    return torch.cat([positions(query_mask), *(start + positions(m) for m in completions)], dim=1)
+
+
+def shared_prompt_scored(prompt_width: int, widths: Sequence[int], device=None) -> Tensor:
+    """The positions whose logits predict each completion's tokens, completion by completion: every completion's
+    first token is predicted by the prompt's last position, Q - 1; its others by its own positions."""
+    parts, start = [], prompt_width
+    for w in widths:
+        parts.append(torch.cat([torch.tensor([prompt_width - 1]), torch.arange(start, start + w - 1)]))
+        start += w
+    return torch.cat(parts).to(device)
+
+
+Batch = Tokens | PairTokens | GroupTokens  # what a log-prob pass reads
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,10 @@ Each step:
      first minibatch's rows take theirs from their own forward in step 5 where the advantages need no KL: GRPO)
   4. advantages: the method's `advantages(score, kl, mask, beta)`
   5. update: `epochs` passes over shuffled minibatches, the method's `loss` per micro-batch
+
+Steps 3 and 5 take each group in one row by default (share_prompt, hhh.rollout.GroupTokens): the prompt once, its G
+completions attending to it through a 4D mask; minibatches and micro-batches are then whole groups, and the method's
+loss still reads (rows, R) tensors (`unpack`).
   6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
 """
 
@@ -28,8 +32,8 @@ from hhh import losses as L
 from hhh import metrics as M
 from hhh.config import GroupSettings
 from hhh.engines import rollout_engine
-from hhh.models.policy import Policy, Tokens
-from hhh.rollout import Rollout
+from hhh.models.policy import Policy
+from hhh.rollout import GroupTokens, Rollout, Tokens, group_tokens
 from hhh.runs import RunDir
 from hhh.train.loop import (
     MINIBATCHES,
@@ -50,7 +54,7 @@ from hhh.train.loop import (
 class Batch:
     """One step's samples and what the update needs of them."""
 
-    tokens: Tokens
+    tokens: Tokens | GroupTokens  # the rows, or the groups in one row each (share_prompt)
     mask: Tensor        # (B, R) float, 1 on completion tokens
     old_logp: Tensor    # (B, R) the policy that sampled
     ref_logp: Tensor    # (B, R) the reference
@@ -74,23 +78,48 @@ def recomputes_old_logprobs(policy: Policy, r: Rollout) -> bool:
     return not r.trainer_logprobs and (weights != torch.float32 or r.sampler_dtype != weights)
 
 
+def prompt_sharing(config: GroupSettings, policy: Policy, console=None) -> bool:
+    """Whether this run's training passes take a group per row (GroupTokens): share_prompt, unless the model's
+    attention cannot read a 4D mask (flash-attention kernels read padding only) or a process's minibatch is not
+    whole groups; then one row per completion, and a line saying why."""
+    if not config.share_prompt:
+        return False
+    why = None
+    if not policy.takes_4d_masks:
+        why = f"{policy.lm.config._attn_implementation} attention takes no 4D mask (share_prompt needs sdpa or eager)"
+    elif rank_minibatch(config) % config.group_size:
+        why = f"a minibatch of {rank_minibatch(config)} completions per process is not whole groups of {config.group_size}"
+    if why is None:
+        return True
+    line = f"{why}: one row per completion"
+    print(line) if console is None else console.print(line)
+    return False
+
+
+def units(tokens: Tokens | GroupTokens, rows: int) -> int:
+    """How many of `tokens`' model rows hold `rows` completions (at least one): rows, or whole groups."""
+    return max(1, rows // tokens.completions_per_row)
+
+
 @torch.no_grad()
-def old_and_reference_logprobs(policy: Policy, r: Rollout, micro_batch_size: int, temperature: float, *,
-                               skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches. The old ones are the sampler's
-    or recomputed (`recomputes_old_logprobs`); a recompute leaves out the rows in `skip` (NaN here): the update's
-    first minibatch, whose own training forward gives them (`update`)."""
-    tokens = r.tokens
-    ref = torch.cat([policy.reference_logprobs(tokens[s], temperature=temperature)
-                     for s in chunks(len(tokens), micro_batch_size)])
+def old_and_reference_logprobs(policy: Policy, r: Rollout, tokens: Tokens | GroupTokens, micro_batch_size: int,
+                               temperature: float, *, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """3. (old-policy log-probs, reference log-probs), each (B, R), in micro-batches of `tokens` (r.tokens, or its
+    groups). The old ones are the sampler's or recomputed (`recomputes_old_logprobs`); a recompute leaves out the
+    model rows of `tokens` in `skip` (NaN here): the update's first minibatch, whose own training forward gives
+    them (`update`)."""
+    size = units(tokens, micro_batch_size)
+    ref = torch.cat([tokens.unpack(policy.reference_logprobs(tokens[s], temperature=temperature))
+                     for s in chunks(len(tokens), size)])
     if not recomputes_old_logprobs(policy, r):
         return r.logprobs, ref
     old = torch.full_like(ref, math.nan)
-    rows = torch.arange(len(tokens), device=ref.device)
+    todo = torch.arange(len(tokens))
     if skip is not None:
-        rows = rows[~torch.isin(rows, skip.to(rows.device))]
-    for s in chunks(len(rows), micro_batch_size):
-        old[rows[s]] = policy(tokens[rows[s]], temperature=temperature).logprobs
+        todo = todo[~torch.isin(todo, skip.cpu())]
+    for s in chunks(len(todo), size):
+        old[tokens.row_indices(todo[s]).to(old.device)] = tokens.unpack(
+            policy(tokens[todo[s]], temperature=temperature).logprobs)
     return old, ref
 
 
@@ -104,31 +133,38 @@ def update(policy: Policy, optimizer, scheduler, batch: Batch, loss: Loss, confi
     """5. `epochs` passes of minibatch steps with the method's loss. The policy's entropy is measured on the way
     (mean over the passes, at the temperature).
 
-    `old_from_first`: the rows of the first minibatch (`first_minibatch` with this generator) whose old log-probs
-    step 3 left out. No optimizer step has happened when their training forward runs, so its detached log-probs
-    are the old policy's: they are written into `batch.old_logp` before the loss reads them (the ratio is then 1
-    exactly, as when TRL's GRPO takes a batch in one optimizer step)."""
-    mask = batch.mask
-    pending = torch.zeros(len(batch.tokens), dtype=torch.bool)
+    Minibatches and micro-batches are of `batch.tokens`' model rows: completions, or whole groups (share_prompt);
+    the method's loss reads the completions' rows either way.
+
+    `old_from_first`: the model rows of the first minibatch (`first_minibatch` with this generator) whose old
+    log-probs step 3 left out. No optimizer step has happened when their training forward runs, so its detached
+    log-probs are the old policy's: they are written into `batch.old_logp` before the loss reads them (the ratio
+    is then 1 exactly, as when TRL's GRPO takes a batch in one optimizer step)."""
+    mask, tokens = batch.mask, batch.tokens
+    pending = torch.zeros(len(mask), dtype=torch.bool)
     first = None if old_from_first is None else old_from_first.cpu().sort().values
     if first is not None:
-        pending[first] = True
+        pending[tokens.row_indices(first)] = True
 
-    def micro_loss(i: Tensor, minibatch: Tensor) -> tuple[Tensor, dict[str, float]]:
-        new = policy(batch.tokens[i], temperature=config.temperature, entropy="measure")
-        todo = pending[i.cpu()]
+    def micro_loss(u: Tensor, minibatch_units: Tensor) -> tuple[Tensor, dict[str, float]]:
+        new = policy(tokens[u], temperature=config.temperature, entropy="measure")
+        logp, entropy = tokens.unpack(new.logprobs), tokens.unpack(new.entropy)
+        i, minibatch = tokens.row_indices(u), tokens.row_indices(minibatch_units)
+        todo = pending[i]
         if todo.any():
-            if first is None or not torch.equal(minibatch.cpu().sort().values, first):
+            if first is None or not torch.equal(minibatch_units.cpu().sort().values, first):
                 raise RuntimeError("old log-probs missing outside the first minibatch (its rows were mispredicted)")
-            batch.old_logp[i[todo]] = new.logprobs.detach()[todo]
-            pending[i[todo].cpu()] = False
-        value, clipfrac = loss(new.logprobs, i, minibatch, batch)
+            batch.old_logp[i[todo].to(logp.device)] = logp.detach()[todo.to(logp.device)]
+            pending[i[todo]] = False
+        i, minibatch = i.to(mask.device), minibatch.to(mask.device)
+        value, clipfrac = loss(logp, i, minibatch, batch)
         share = len(i) / len(minibatch)
         return value, {M.LOSS_POLICY: float(value.detach()), M.CLIPFRAC: float(clipfrac),
-                       M.ENTROPY: float(L.masked_mean(new.entropy, mask[i])) * share}
+                       M.ENTROPY: float(L.masked_mean(entropy, mask[i])) * share}
 
-    return minibatch_updates(policy.trainable_parameters(), optimizer, scheduler, len(batch.tokens), epochs=epochs,
-                             minibatch_size=rank_minibatch(config), micro_batch_size=config.micro_batch_size,
+    return minibatch_updates(policy.trainable_parameters(), optimizer, scheduler, len(tokens), epochs=epochs,
+                             minibatch_size=units(tokens, rank_minibatch(config)),
+                             micro_batch_size=units(tokens, config.micro_batch_size),
                              max_grad_norm=config.max_grad_norm, generator=generator, micro_loss=micro_loss)
 
 
@@ -155,6 +191,7 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, eps=1e-5, weight_decay=0.0)
     scheduler = linear_decay(optimizer, config.steps * epochs * math.ceil(batch_size / config.minibatch_size))
     kl = L.AdaptiveKL(beta)  # fixed, but for the KL budget guard
+    share = prompt_sharing(config, policy, console)
     loop = OnlineRun(name, config, run, policy=policy, parts=[policy], optimizer=optimizer, scheduler=scheduler,
                      kl=kl, reward=reward, second=second, tokenizer=tokenizer, val=val, console=console,
                      resume=resume)
@@ -165,16 +202,17 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             prompts = [p for p in D.shard(step_prompts(train_prompts, config.prompts_per_step, step, config.seed))
                        for _ in range(config.group_size)]
             r = rollouts(prompts, step, step_generator(config.seed, step, device, rank=D.world().rank))
-            tokens, mask = r.tokens, r.response_mask.float()
+            tokens = group_tokens(r.tokens, config.group_size) if share else r.tokens
+            mask = r.response_mask.float()
             # 2. score
             score = reward.score(prompts, r.texts).float().to(device)
             shuffle = step_generator(config.seed, step, "cpu", MINIBATCHES)
             first = None if kl_in_advantages or not recomputes_old_logprobs(policy, r) else \
-                first_minibatch(len(tokens), rank_minibatch(config), shuffle)
+                first_minibatch(len(tokens), units(tokens, rank_minibatch(config)), shuffle)
             with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
                 # 3. old-policy and reference log-probs (the first minibatch's old ones may come in step 5)
-                old_logp, ref_logp = old_and_reference_logprobs(policy, r, config.micro_batch_size, config.temperature,
-                                                                skip=first)
+                old_logp, ref_logp = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size,
+                                                                config.temperature, skip=first)
                 # 4. advantages
                 kl_before = L.kl_per_token(old_logp, ref_logp, "k1") * mask if kl_in_advantages else None
                 adv = advantages(score, kl_before, mask, kl.beta)
