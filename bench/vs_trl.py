@@ -160,7 +160,8 @@ def hhh_dpo(steps: int) -> dict:
     rows = pairs(8 * steps)
     data = Pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
                  [False] * len(rows), [None] * len(rows))
-    config = DPOConfig(batch_size=8, epochs=1, lr=5e-4, beta=0.1, out="/tmp/bench-hhh-dpo")
+    config = DPOConfig(batch_size=8, epochs=1, lr=5e-4, beta=0.1, out="/tmp/bench-hhh-dpo",
+                       share_prompt=worker_share_prompt())
     run = RunDir.create("dpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.time()
@@ -206,7 +207,8 @@ def hhh_grpo(steps: int) -> dict:
 
     tok, model = load_tokenizer(MODEL), load_causal_lm(MODEL)
     config = GRPOConfig(steps=steps, prompts_per_step=4, group_size=4, minibatch_size=16, beta=0.04, lr=1e-3,
-                        val_prompts=0, out="/tmp/bench-hhh-grpo", sampler_dtype=worker_sampler_dtype())
+                        val_prompts=0, out="/tmp/bench-hhh-grpo", sampler_dtype=worker_sampler_dtype(),
+                        share_prompt=worker_share_prompt())
     run = RunDir.create("grpo", config, config.out, exist_ok=True)
     (run.path / "metrics.jsonl").unlink(missing_ok=True)
     with counted():
@@ -274,6 +276,11 @@ def worker_sampler_dtype() -> str:
     return os.environ.get("HHH_BENCH_SAMPLER_DTYPE", "weights")
 
 
+def worker_share_prompt() -> bool:
+    """hhh's share_prompt for its GRPO and DPO runs inside a worker process (off with --no-share-prompt)."""
+    return os.environ.get("HHH_BENCH_SHARE_PROMPT", "1") == "1"
+
+
 WORKERS = {"trl-dpo": trl_dpo, "hhh-dpo": hhh_dpo, "trl-grpo": trl_grpo, "hhh-grpo": hhh_grpo,
            "trl-ppo": trl_ppo, "hhh-ppo": hhh_ppo}
 UNITS = {"dpo": "pairs", "grpo": "completions", "ppo": "episodes"}
@@ -297,13 +304,14 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_dtype: str = "weights") -> str:
+def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_dtype: str = "weights",
+          share_prompt: bool = True) -> str:
     from hhh.models.load import cpu_has_native
 
     lines = [f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, fp32 matmul peak "
              f"{peak / 1e9:.0f} GFLOP/s (measured in this run), native bf16 matmuls: "
              f"{'yes' if cpu_has_native('bfloat16') else 'no'}. Every model in fp32; hhh's sampler_dtype: "
-             f"{sampler_dtype}.", "",
+             f"{sampler_dtype}; share_prompt: {'on' if share_prompt else 'off'}.", "",
              "| method | TRL s/step | hhh s/step | TRL per s | hhh per s | hhh/TRL throughput | TRL peak GB | "
              "hhh peak GB | hhh/TRL memory | TRL % of peak | hhh % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in ("ppo", "grpo", "dpo"):
@@ -333,6 +341,8 @@ def main() -> None:
                         help="comma-separated of ppo, grpo, dpo, rollout, or single runs (hhh-grpo, trl-ppo...)")
     parser.add_argument("--sampler-dtype", default="weights", choices=("weights", "bfloat16", "auto"),
                         help="hhh's sampler_dtype for its GRPO and PPO runs (the weights stay float32)")
+    parser.add_argument("--no-share-prompt", action="store_true",
+                        help="hhh's GRPO and DPO take one row per completion (share_prompt off), to time the layouts")
     parser.add_argument("--flops", action="store_true", help="run each trainer again under a FLOP counter")
     parser.add_argument("--write", action="store_true", help="write bench/results/latest.md and latest.json")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
@@ -352,7 +362,8 @@ def main() -> None:
     results: dict = {}
     names = [n for n in WORKERS if n.split("-")[1] in only or n in only] + (["rollout"] if "rollout" in only else [])
     for name in names:
-        env = {**os.environ, "HHH_BENCH_SAMPLER_DTYPE": args.sampler_dtype}
+        env = {**os.environ, "HHH_BENCH_SAMPLER_DTYPE": args.sampler_dtype,
+               "HHH_BENCH_SHARE_PROMPT": "0" if args.no_share_prompt else "1"}
         if name == "trl-ppo":
             if not (TRL_PPO / "trl").is_dir():
                 sys.exit(f"TRL 1.12.0 is not in {TRL_PPO}: make bench-trl installs it")
@@ -372,7 +383,7 @@ def main() -> None:
         share = f"  {r['peak_share']:.1%} of the matmul peak" if "peak_share" in r else ""
         print(f"{name:9s} {r['s_per_step']:6.2f} s/step  peak {r['peak_gb']:.2f} GB{share}  ({r['steps']} steps)",
               flush=True)
-    text = table(results, peak, results.get("rollout", {}).get("rows"), args.sampler_dtype)
+    text = table(results, peak, results.get("rollout", {}).get("rows"), args.sampler_dtype, not args.no_share_prompt)
     print(text)
     if args.write:
         out = Path(__file__).with_name("results")
