@@ -385,3 +385,21 @@ def test_a_group_per_row_falls_back_to_rows_with_a_line_saying_why(tokenizer, at
     assert text.getvalue() == ("" if line is None else f"{line}: one row per completion\n")
     assert prompt_sharing(GRPOConfig(share_prompt=False), policy, console) is False
     assert text.getvalue().count("\n") == (0 if shares else 1)
+
+
+def test_the_frozen_trunk_of_a_group_per_row_runs_in_micro_batches_of_completions(tokenizer, tmp_path, monkeypatch):
+    """micro_batch_size counts completions in every pass: with a group of 4 per row, micro-batches of 8 completions
+    put 2 groups through the frozen bottom layers at a time, as through the reference pass and the update."""
+    from hhh.models.policy import Policy
+
+    sizes: list[int] = []
+    trunk = Policy._trunk
+
+    def counting(self, tokens):
+        sizes.append(len(tokens) * tokens.completions_per_row)
+        return trunk(self, tokens)
+
+    monkeypatch.setattr(Policy, "_trunk", counting)
+    _, (policy, steps, _, _) = run_online(GRPOConfig, tokenizer, tmp_path, "trunk", steps=1, lora_layers=1,
+                                          micro_batch_size=8, val_prompts=0)
+    assert steps == 1 and sizes == [8, 8]

@@ -10,11 +10,11 @@ Each step:
      first minibatch's rows take theirs from their own forward in step 5 where the advantages need no KL: GRPO)
   4. advantages: the method's `advantages(score, kl, mask, beta)`
   5. update: `epochs` passes over shuffled minibatches, the method's `loss` per micro-batch
+  6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
 
 Steps 3 and 5 take each group in one row by default (share_prompt, hhh.rollout.GroupTokens): the prompt once, its G
 completions attending to it through a 4D mask; minibatches and micro-batches are then whole groups, and the method's
 loss still reads (rows, R) tensors (`unpack`).
-  6. the shared tail (hhh.train.loop.OnlineRun): guards, held-out check and best checkpoint, log, checkpoint
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             shuffle = step_generator(config.seed, step, "cpu", MINIBATCHES)
             first = None if kl_in_advantages or not recomputes_old_logprobs(policy, r) else \
                 first_minibatch(len(tokens), units(tokens, rank_minibatch(config)), shuffle)
-            with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
+            with policy.frozen_trunk(tokens, micro_batch_size=units(tokens, config.micro_batch_size)):
                 # 3. old-policy and reference log-probs (the first minibatch's old ones may come in step 5)
                 old_logp, ref_logp = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size,
                                                                 config.temperature, skip=first)
