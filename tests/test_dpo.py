@@ -85,14 +85,10 @@ def uneven_pairs() -> Pairs:
     return Pairs(prompts, chosen, rejected, [False] * 4, [None] * 4)
 
 
-@pytest.mark.parametrize("attention, trunk", [("sdpa", False), ("sdpa", True), ("eager", True)])
-def test_pairs_with_their_prompt_once_give_the_log_probs_and_gradients_of_two_rows(tokenizer, attention, trunk):
-    """PairTokens (each prompt once, its two completions attending to it through a 4D mask) == the plain 2b rows
-    prompt + chosen, prompt + rejected: the policy's and the reference's (sum, mean) log-probs within 1e-5, and
-    the adapter's gradients from micro-batches of pairs, with and without a cached frozen trunk, under sdpa and
-    eager attention; and fewer token positions go through the model."""
+def adapted_policy(tokenizer, attention: str, trunk: bool):
+    """A tiny 3-layer policy under `attention` whose adapter is not zero (LoRA B drawn), with a frozen trunk (the
+    adapter on the top 2 layers) or without one: what the layout tests compare two layouts on."""
     from hhh.models import tiny_causal_lm
-    from hhh.rollout import PairTokens, Tokens
 
     base = tiny_causal_lm(tokenizer, layers=3, seed=1)
     base.config._attn_implementation = attention
@@ -102,6 +98,18 @@ def test_pairs_with_their_prompt_once_give_the_log_probs_and_gradients_of_two_ro
         for n, p in policy.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    return policy
+
+
+@pytest.mark.parametrize("attention, trunk", [("sdpa", False), ("sdpa", True), ("eager", True)])
+def test_pairs_with_their_prompt_once_give_the_log_probs_and_gradients_of_two_rows(tokenizer, attention, trunk):
+    """PairTokens (each prompt once, its two completions attending to it through a 4D mask) == the plain 2b rows
+    prompt + chosen, prompt + rejected: the policy's and the reference's (sum, mean) log-probs within 1e-5, and
+    the adapter's gradients from micro-batches of pairs, with and without a cached frozen trunk, under sdpa and
+    eager attention; and fewer token positions go through the model."""
+    from hhh.rollout import PairTokens, Tokens
+
+    policy = adapted_policy(tokenizer, attention, trunk)
     results = {}
     for share in (True, False):
         mb = minibatches(uneven_pairs(), tokenizer, DPOConfig(batch_size=4, share_prompt=share), "cpu")[0]

@@ -291,18 +291,10 @@ def test_a_group_in_one_row_gives_the_log_probs_entropies_and_gradients_of_its_r
     completion: the policy's and the reference's per-token log-probs and the entropies within float noise on every
     completion token, and the adapter's gradients from micro-batches that split the batch differently (whole
     groups; rows across groups), with and without a cached frozen trunk, under sdpa and eager attention."""
-    from hhh.models import LoraSettings, tiny_causal_lm
-    from hhh.models.policy import build_policy
     from hhh.rollout import group_tokens
+    from tests.test_dpo import adapted_policy
 
-    base = tiny_causal_lm(tokenizer, layers=3, seed=1)
-    base.config._attn_implementation = attention
-    policy = build_policy(base, LoraSettings(r=4, top_layers=2 if trunk else None))
-    assert (policy.split > 0) == trunk
-    with torch.no_grad():
-        for n, p in policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    policy = adapted_policy(tokenizer, attention, trunk)
     rows = grouped_rows(tokenizer)
     groups = group_tokens(rows, 3)
     mask = rows.response_mask.bool()

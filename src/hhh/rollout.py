@@ -9,8 +9,9 @@ divide logits by the same temperature.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -32,12 +33,7 @@ class Tokens:
         return self.query_ids.shape[0]
 
     def __getitem__(self, index: slice | Tensor) -> Tokens:
-        rows = torch.arange(len(self))[index]
-        parts = (self.query_ids[index], self.query_mask[index], self.response_ids[index], self.response_mask[index])
-        if self.source is None:
-            return Tokens(*parts, source=self, rows=rows)
-        assert self.rows is not None  # a sub-batch always knows its rows
-        return Tokens(*parts, source=self.source, rows=self.rows[rows])
+        return sub_batch(self, index)
 
     def ids(self) -> Tensor:  # (B, Q+R)
         return torch.cat([self.query_ids, self.response_ids], dim=1)
@@ -90,13 +86,7 @@ class PairTokens:
         return self.query_ids.shape[0]
 
     def __getitem__(self, index: slice | Tensor) -> PairTokens:
-        rows = torch.arange(len(self))[index]
-        parts = (self.query_ids[index], self.query_mask[index], self.chosen_ids[index], self.chosen_mask[index],
-                 self.rejected_ids[index], self.rejected_mask[index])
-        if self.source is None:
-            return PairTokens(*parts, source=self, rows=rows)
-        assert self.rows is not None
-        return PairTokens(*parts, source=self.source, rows=self.rows[rows])
+        return sub_batch(self, index)
 
     @property
     def response_ids(self) -> Tensor:  # (b, C+R)
@@ -149,13 +139,7 @@ class GroupTokens:
         return self.query_ids.shape[0]
 
     def __getitem__(self, index: slice | Tensor) -> GroupTokens:
-        rows = torch.arange(len(self))[index]
-        parts = (self.query_ids[index], self.query_mask[index], self.response_ids[index], self.response_mask[index],
-                 self.completions_per_row)
-        if self.source is None:
-            return GroupTokens(*parts, source=self, rows=rows)
-        assert self.rows is not None
-        return GroupTokens(*parts, source=self.source, rows=self.rows[rows])
+        return sub_batch(self, index)
 
     def ids(self) -> Tensor:  # (b, Q+G*R)
         return torch.cat([self.query_ids, self.response_ids], dim=1)
@@ -182,6 +166,18 @@ class GroupTokens:
 
     def per_completion(self, values: Tensor) -> Tensor:  # (b*G,) sums of (b, G*R) values over each completion
         return self.unpack(values).sum(-1)
+
+
+def sub_batch(batch: _B, index: slice | Tensor) -> _B:
+    """`batch[index]` of a token layout (Tokens, PairTokens, GroupTokens): each row tensor indexed, other fields
+    kept, and the rows remembered with the batch they first came from (a cached frozen trunk of it serves them)."""
+    rows = torch.arange(len(batch))[index]
+    taken = {f.name: getattr(batch, f.name)[index] for f in fields(batch)
+             if f.name not in ("source", "rows") and isinstance(getattr(batch, f.name), Tensor)}
+    if batch.source is None:
+        return replace(batch, **taken, source=batch, rows=rows)
+    assert batch.rows is not None  # a sub-batch always knows its rows
+    return replace(batch, **taken, rows=batch.rows[rows])
 
 
 def group_tokens(tokens: Tokens, group_size: int) -> GroupTokens:
@@ -231,6 +227,7 @@ def shared_prompt_scored(prompt_width: int, widths: Sequence[int], device=None) 
 
 
 Batch = Tokens | PairTokens | GroupTokens  # what a log-prob pass reads
+_B = TypeVar("_B", Tokens, PairTokens, GroupTokens)
 
 
 @dataclass(frozen=True)
