@@ -65,8 +65,30 @@ class Tokens:
         return rows
 
 
+class SharedPrompt:
+    """What a forward pass reads of a row that holds a prompt once, then several completions side by side
+    (PairTokens, GroupTokens): each completion attends to the prompt and to itself only and continues the prompt's
+    positions. A subclass gives `query_ids`, `query_mask` and `completion_masks()`."""
+
+    query_ids: Tensor
+    query_mask: Tensor
+
+    def completion_masks(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def attention(self) -> Tensor:  # (b, 1, L, L) bool: shared_prompt_attention
+        return shared_prompt_attention(self.query_mask, self.completion_masks())
+
+    def position_ids(self) -> Tensor:  # (b, L): every completion continues from the prompt's length
+        return shared_prompt_positions(self.query_mask, self.completion_masks())
+
+    def scored(self) -> Tensor:  # the positions predicting each completion's tokens, completion by completion
+        return shared_prompt_scored(self.query_ids.shape[1], [m.shape[1] for m in self.completion_masks()],
+                                    self.query_ids.device)
+
+
 @dataclass(frozen=True, eq=False)
-class PairTokens:
+class PairTokens(SharedPrompt):
     """Preference pairs, one row each: the prompt once, then its chosen and its rejected completion. A 4D attention
     mask lets each completion see the prompt and itself only, and both continue the prompt's positions, so every
     log-prob equals that of the two rows prompt + chosen and prompt + rejected (Tokens), and the prompt's tokens go
@@ -99,18 +121,8 @@ class PairTokens:
     def ids(self) -> Tensor:  # (b, Q+C+R)
         return torch.cat([self.query_ids, self.chosen_ids, self.rejected_ids], dim=1)
 
-    def _completion_masks(self) -> list[Tensor]:
+    def completion_masks(self) -> list[Tensor]:  # chosen, rejected
         return [self.chosen_mask, self.rejected_mask]
-
-    def attention(self) -> Tensor:  # (b, 1, L, L) bool: shared_prompt_attention
-        return shared_prompt_attention(self.query_mask, self._completion_masks())
-
-    def position_ids(self) -> Tensor:  # (b, L): both completions continue from the prompt's length
-        return shared_prompt_positions(self.query_mask, self._completion_masks())
-
-    def scored(self) -> Tensor:  # (C+R,) the positions predicting each chosen token, then each rejected one
-        return shared_prompt_scored(self.query_ids.shape[1], [m.shape[1] for m in self._completion_masks()],
-                                    self.query_ids.device)
 
     def per_completion(self, values: Tensor) -> Tensor:
         """(2b,) sums of (b, C+R) `values` over each chosen completion, then each rejected one: the row order of
@@ -120,7 +132,7 @@ class PairTokens:
 
 
 @dataclass(frozen=True, eq=False)
-class GroupTokens:
+class GroupTokens(SharedPrompt):
     """The G completions of one prompt (a GRPO/RLOO group) in one row: the prompt once, then completion 1..G, each
     right-padded to the same width R. Through the 4D mask each completion sees the prompt and itself only and
     continues the prompt's positions, so its log-probs are those of its own row prompt + completion (Tokens) while
@@ -144,18 +156,8 @@ class GroupTokens:
     def ids(self) -> Tensor:  # (b, Q+G*R)
         return torch.cat([self.query_ids, self.response_ids], dim=1)
 
-    def _completion_masks(self) -> list[Tensor]:
+    def completion_masks(self) -> list[Tensor]:  # completion 1..G
         return list(self.response_mask.chunk(self.completions_per_row, dim=1))
-
-    def attention(self) -> Tensor:  # (b, 1, L, L) bool: shared_prompt_attention
-        return shared_prompt_attention(self.query_mask, self._completion_masks())
-
-    def position_ids(self) -> Tensor:  # (b, L): every completion continues from the prompt's length
-        return shared_prompt_positions(self.query_mask, self._completion_masks())
-
-    def scored(self) -> Tensor:  # (G*R,) the positions predicting each completion's tokens, completion by completion
-        return shared_prompt_scored(self.query_ids.shape[1], [m.shape[1] for m in self._completion_masks()],
-                                    self.query_ids.device)
 
     def unpack(self, values: Tensor) -> Tensor:  # (b, G*R, ...) -> (b*G, R, ...): the rows' order
         return values.reshape(len(values) * self.completions_per_row, -1, *values.shape[2:])
