@@ -21,6 +21,7 @@ from hhh.losses import (
     masked_mean,
     masked_whiten,
     orpo_loss,
+    output_logprobs,
     ppo_policy_loss,
     reinforce_loss,
     reinforce_pp_advantages,
@@ -154,6 +155,60 @@ def test_entropy_by_hand():
     logp = torch.log_softmax(t([0.0, math.log(3)]), -1)
     assert entropy_from_logprobs(logp).item() == pytest.approx(0.5623, abs=1e-4)
     assert entropy_from_logprobs(torch.log_softmax(torch.zeros(4), -1)).item() == pytest.approx(math.log(4))
+
+
+def test_output_logprobs_by_hand():
+    """W = I (V = H = 3), h = [0, ln 2, ln 3], T 1: p = [1/6, 2/6, 3/6]; target 2 -> log p = ln 1/2;
+    H = 1/6 ln 6 + 1/3 ln 3 + 1/2 ln 2 = 1.01140; d log p_2 / dh = (onehot - p) W = [-1/6, -1/3, 1/2];
+    at T 2, z = h / 2 and the gradient gains the factor 1/2."""
+    h = t([[0.0, math.log(2), math.log(3)]], requires_grad=True)
+    logp, ent = output_logprobs(h, torch.eye(3), t([2]), entropy=True)
+    assert logp.item() == pytest.approx(math.log(0.5), abs=1e-6)
+    assert ent.item() == pytest.approx(1.01140, abs=1e-5)
+    logp.sum().backward()
+    assert h.grad.tolist()[0] == pytest.approx([-1 / 6, -1 / 3, 1 / 2], abs=1e-6)
+    h.grad = None
+    logp2, _ = output_logprobs(h, torch.eye(3), t([2]), temperature=2.0)
+    p = torch.softmax(h.detach()[0] / 2, -1)
+    assert logp2.item() == pytest.approx(math.log(p[2]), abs=1e-6)
+    logp2.sum().backward()
+    assert h.grad.tolist()[0] == pytest.approx(((torch.eye(3)[2] - p) / 2).tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_logprobs_equal_the_plain_log_softmax(monkeypatch, dtype):
+    """Chunks of 3 rows over 11 positions (a remainder chunk): log-probs, entropies and the gradient of a loss
+    that mixes both equal log_softmax(F.linear(h, W).float() / T) and entropy_from_logprobs of it."""
+    import hhh.losses
+
+    monkeypatch.setattr(hhh.losses, "_CHUNK_ELEMENTS", 3 * 50)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(50, 8, generator=g).to(dtype)
+    h0 = torch.randn(1, 11, 8, generator=g).to(dtype)
+    y = torch.randint(0, 50, (1, 11), generator=g)
+    a, b = torch.randn(1, 11, generator=g), torch.randn(1, 11, generator=g)
+    h1, h2 = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    plain_all = torch.log_softmax(torch.nn.functional.linear(h1, w).float() / 0.7, -1)
+    plain, plain_ent = plain_all.gather(-1, y[..., None]).squeeze(-1), entropy_from_logprobs(plain_all)
+    fused, fused_ent = output_logprobs(h2, w, y, 0.7, entropy=True)
+    assert fused.dtype == fused_ent.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_ent, plain_ent, atol=1e-5, rtol=1e-5)
+    ((a * plain).sum() + (b * plain_ent).sum()).backward()
+    ((a * fused).sum() + (b * fused_ent).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(h2.grad.float(), h1.grad.float(), atol=tol, rtol=tol)
+    h1.grad = h2.grad = None  # the log-probs alone (the entropy's gradient absent, as under entropy="measure")
+    plain = torch.log_softmax(torch.nn.functional.linear(h1, w).float() / 0.7, -1).gather(-1, y[..., None])
+    (a * plain.squeeze(-1)).sum().backward()
+    fused, ent = output_logprobs(h2, w, y, 0.7, entropy=True)
+    (a * fused).sum().backward()
+    torch.testing.assert_close(h2.grad.float(), h1.grad.float(), atol=tol, rtol=tol)
+
+
+def test_output_logprobs_refuses_a_trainable_output_layer():
+    with pytest.raises(ValueError, match="output layer must be frozen"):
+        output_logprobs(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([0, 1]))
 
 
 def test_adaptive_kl_by_hand():

@@ -172,6 +172,47 @@ def test_frozen_trunk_gives_the_full_forward_exactly(tokenizer):
     assert policy._trunks == {}  # the cache ends with the block
 
 
+@pytest.mark.parametrize("trunk", [False, True])
+def test_log_probs_from_the_hidden_states_equal_those_from_the_logits(tokenizer, trunk):
+    """Policy.forward takes the log-probs and entropies from the last hidden states through the frozen output
+    layer a chunk at a time (losses.output_logprobs); with `head` None it runs the model's own logits and
+    log-softmax. Both give the same log-probs, entropies ("train" and "measure"), hidden states, values and
+    gradients of a PPO-style loss (log-probs + entropy bonus + value loss) in every adapter, reference included."""
+    from hhh.models import LoraSettings
+    from hhh.models.critic import Critic
+    from hhh.models.policy import build_policy
+    from hhh.rollout import Tokens
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=3), LoraSettings(r=4, top_layers=2 if trunk else None))
+    critic = Critic(policy)
+    _perturbed(policy, critic)
+    assert policy.head is policy.lm.get_base_model().lm_head
+    q, r = torch.randint(5, 500, (3, 6)), torch.randint(5, 500, (3, 5))
+    qm, rm = torch.ones_like(q), torch.ones_like(r)
+    qm[0, :2], rm[1, 3:] = 0, 0
+    batch = Tokens(q, qm, r, rm)
+    head, got = policy.head, {}
+    for fused in (True, False):
+        policy.head = head if fused else None
+        policy.zero_grad()
+        with policy.frozen_trunk(batch):
+            f = policy(batch, temperature=0.7, entropy="train", hidden=True)
+            measured = policy(batch, temperature=0.7, entropy="measure")
+            ref = policy.reference_logprobs(batch, temperature=0.7)
+        values = critic.values(batch, f)
+        (f.logprobs.sum() + 0.1 * f.entropy.sum() + values.pow(2).sum()).backward()
+        assert not measured.entropy.requires_grad and f.entropy.requires_grad
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        got[fused] = (f.logprobs, f.entropy, f.hidden, values, measured.logprobs, measured.entropy, ref, grads)
+    assert len(got[True][-1]) > 4
+    for a, b in zip(got[True][:-1], got[False][:-1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert got[True][-1].keys() == got[False][-1].keys()
+    for n in got[True][-1]:
+        a, b = got[True][-1][n], got[False][-1][n]  # float32 rounding, relative to each gradient's scale
+        torch.testing.assert_close(a, b, atol=1e-5 * float(b.abs().max()), rtol=1e-4)
+
+
 def _trained_policy(tokenizer, tmp_path, from_adapter: bool):
     """A 4-layer policy with LoRA on its top 2 layers and a non-zero adapter; `from_adapter`: started from a saved
     adapter (a frozen "reference" copy beside it) and trained away from it."""

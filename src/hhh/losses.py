@@ -151,6 +151,90 @@ def entropy_from_logprobs(logp: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+# Elements of one chunk of logits in `output_logprobs`: 2^23 fp32 values (32 MiB; 170 positions of a 49,152 vocabulary).
+_CHUNK_ELEMENTS = 1 << 23
+
+
+class _OutputLogprobs(torch.autograd.Function):
+    """log softmax(h W^T / T)[y] and H(softmax(h W^T / T)) for rows of h, a chunk of rows at a time.
+
+    Gradients, with z = h W^T / T, p = softmax(z), y the target:
+        d log p_y / dz_j = [j = y] - p_j          d H / dz_j = -p_j (log p_j + H)
+        dL/dh = (1/T) (g_logp * (onehot_y - p) - g_H * p * (log p + H)) W
+    Backward rebuilds log p chunk by chunk from h and the saved log-sum-exp: one more (N, H) x (H, V) multiply,
+    and nothing of size V kept between forward and backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, want_entropy):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        rows = max(1, _CHUNK_ELEMENTS // vocab)
+        logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        ent = torch.empty(n, dtype=torch.float32, device=hidden.device) if want_entropy else None
+        for s in range(0, n, rows):
+            z = _scaled_logits(hidden[s:s + rows], weight, temperature)  # (rows, V) fp32
+            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
+            z = z.sub_(lse[s:s + rows, None])  # log p
+            logp[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1)
+            if ent is not None:
+                ent[s:s + rows] = -(z.exp() * z).sum(-1)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.set_materialize_grads(False)
+        return (logp, ent) if ent is not None else (logp,)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_logp is None and g_ent is None):
+            return None, None, None, None, None
+        grad = torch.empty_like(hidden)
+        rows = ctx.rows
+        for s in range(0, hidden.shape[0], rows):
+            logp = _scaled_logits(hidden[s:s + rows], weight, ctx.temperature).sub_(lse[s:s + rows, None])
+            p = logp.exp()
+            if g_ent is None:  # -g_logp * p
+                g_z = p.mul_(-g_logp[s:s + rows, None])
+            else:  # -(g_logp + g_H (log p + H)) * p
+                g_z = (logp + ent[s:s + rows, None]).mul_(g_ent[s:s + rows, None])
+                if g_logp is not None:
+                    g_z.add_(g_logp[s:s + rows, None])
+                g_z = g_z.mul_(p).neg_()
+            if g_logp is not None:
+                g_z.scatter_add_(-1, targets[s:s + rows, None], g_logp[s:s + rows, None])
+            if ctx.temperature != 1.0:
+                g_z /= ctx.temperature
+            grad[s:s + rows] = g_z.to(weight.dtype) @ weight
+        return grad, None, None, None, None
+
+
+def _scaled_logits(hidden: Tensor, weight: Tensor, temperature: float) -> Tensor:
+    z = torch.nn.functional.linear(hidden, weight).float()
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def output_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float = 1.0, *,
+                    entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of `targets` under softmax(hidden @ weight.T / temperature), and optionally the entropy of that
+    distribution, from the last hidden states and a frozen output layer, never holding the logits of every
+    position at once.
+
+    hidden (..., H), weight (V, H) with no gradient, targets (...) -> log-probs (...) fp32, entropy (...) fp32 or None.
+    Equals log_softmax(F.linear(hidden, weight).float() / T).gather(targets) and entropy_from_logprobs of the same,
+    in value and in gradient to `hidden`. Memory: the plain version holds the (N, V) logits, their scaled copy, the
+    log-softmax and the entropy's terms at once, and keeps the log-softmax for backward; this one holds 32 MiB
+    chunks and keeps (N,) numbers, for one more output-layer multiply in backward.
+    """
+    if weight.requires_grad:
+        raise ValueError("output_logprobs: the output layer must be frozen (it gets no gradient here)")
+    shape = targets.shape
+    out = _OutputLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
+                                float(temperature), entropy)
+    logp = out[0].reshape(shape)
+    return logp, (out[1].reshape(shape) if entropy else None)
+
+
 @dataclass
 class AdaptiveKL:
     """Adaptive KL coefficient [Ziegler19 sec. 2.2]:

@@ -22,7 +22,7 @@ from typing import Literal, cast
 import torch
 from torch import Tensor, nn
 
-from hhh.losses import entropy_from_logprobs
+from hhh.losses import entropy_from_logprobs, output_logprobs
 from hhh.rollout import Batch, Tokens, last_positions
 
 __all__ = ["Forward", "Policy", "Tokens", "build_policy", "frozen_trunk_depth"]
@@ -50,6 +50,17 @@ def frozen_trunk_depth(lm) -> int:
     return 0
 
 
+def plain_output_layer(lm) -> nn.Linear | None:
+    """The output layer when the logits are exactly `lm_head(last hidden state)` (a bias-free nn.Linear, no soft
+    cap or logit scale in these architectures), so that `output_logprobs` may take the log-probs from the hidden
+    states; None otherwise (a LoRA-wrapped head, another architecture)."""
+    base = lm.get_base_model()
+    head = base.get_output_embeddings()
+    if base.config.model_type not in _SPLITTABLE or type(head) is not nn.Linear or head.bias is not None:
+        return None
+    return head
+
+
 def _decoder_layers(lm) -> nn.ModuleList:
     return lm.get_base_model().model.layers
 
@@ -68,6 +79,9 @@ class Policy(nn.Module):
         # and every update pass then run only the adapted top layers (with LoRA on the top 10 of 30 layers, a third
         # of the model).
         self.split = frozen_trunk_depth(lm)
+        # Memory: with a plain frozen output layer the (B, R, V) logits of a pass exist a chunk at a time
+        # (losses.output_logprobs) instead of as logits, scaled logits, log-softmax and entropy terms at once.
+        self.head = plain_output_layer(lm)
         self._trunks: dict[int, tuple[Batch, Tensor]] = {}
         self._copies: dict[torch.dtype, nn.Module] = {}  # sampler(dtype)'s merged copies, one per dtype
         # The parameters that train, fixed here (and by add_adapter). PEFT's set_adapter (also run when
@@ -178,18 +192,31 @@ class Policy(nn.Module):
         return {"attention_mask": mask, "position_ids": tokens.position_ids(), "output_hidden_states": hidden,
                 "use_cache": False, "logits_to_keep": keep}
 
-    def _run(self, tokens: Batch, kw: dict):
+    def _run(self, tokens: Batch, kw: dict, *, decoder: bool = False):
+        """The model's output for `tokens` (decoder: the decoder's, last hidden state after the final norm and no
+        logits)."""
+        model = self.lm.get_base_model().model if decoder else self.lm
         trunk = self._cached_trunk(tokens)
         if trunk is None:
-            return self.lm(input_ids=tokens.ids(), **kw)
+            return model(input_ids=tokens.ids(), **kw)
         with self._top_layers_only():
-            return self.lm(inputs_embeds=trunk, **kw)
+            return model(inputs_embeds=trunk, **kw)
 
     def forward(self, tokens: Batch, *, temperature: float, entropy: Literal["measure", "train"] | None = None,
                 hidden: bool = False) -> Forward:
         """Log-probs of the response tokens at `temperature`; optionally the entropy ("measure": no graph through
         the (B, R, V) probabilities; "train": with one) and the last hidden state before each response token."""
-        out = self._run(tokens, self._kwargs(tokens, hidden=hidden))
+        kw = self._kwargs(tokens, hidden=hidden)
+        if self.head is not None and not self.head.weight.requires_grad:
+            keep = kw.pop("logits_to_keep")
+            out = self._run(tokens, kw, decoder=True)
+            logp, ent = output_logprobs(out.last_hidden_state[:, keep], self.head.weight, tokens.response_ids,
+                                        temperature, entropy=entropy is not None)
+            if ent is not None and not (entropy == "train" and torch.is_grad_enabled()):
+                ent = ent.detach()
+            states = out.hidden_states[-1][:, keep].float() if hidden else None  # (B, R, H)
+            return Forward(logp, ent, states)
+        out = self._run(tokens, kw)
         # Only the scored positions' logits exist (logits_to_keep): never (B, Q+R, V).
         logits = out.logits.float()  # (B, R, V): the t-th predicts response token t
         if temperature != 1.0:  # x / 1 == x exactly, but a copy of (B, R, V) and its backward cost ~3% of a DPO step
