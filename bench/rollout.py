@@ -3,16 +3,19 @@ and the share of the machine's fp32 matmul peak each reaches, measured in the sa
 
 Same bundled model (fp32), same red-team prompts (chat template, left padding), 48 new tokens at temperature 0.7,
 every row forced to run the full 48 (EOS suppressed for both, so both do the same work), same thread count. The
-first call of each is a warm-up; the time is the median of --repeats calls after it.
+first call of each is a warm-up; the time is the median of --repeats calls after it. With --dtypes float32,bfloat16
+both also run on a bfloat16 copy of the model (what `--sampler-dtype bfloat16` samples with; a gain only on CPUs
+that multiply bf16 natively), and each bf16 row also gives hhh's bf16 tokens/s over fp32 `generate`'s.
 
 FLOPs per generated token are counted as 2 x (parameters in matmuls, the output layer included) + the attention
 over the cache (4 x layers x hidden x context); the peak is the best of a few (2048 x 2048) @ (2048 x 2048) fp32
 matmuls on the same threads. Prints a table; writes bench/results/rollout.{md,json} with --write.
 
-    .venv/bin/python bench/rollout.py [--batches 1,16,64] [--repeats 3] [--write]
+    .venv/bin/python bench/rollout.py [--batches 1,16,64] [--dtypes float32,bfloat16] [--repeats 3] [--write]
 """
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -44,9 +47,17 @@ def flops_per_token(model, context: int) -> float:
     return 2 * matmul_params + 4 * cfg.num_hidden_layers * cfg.hidden_size * context
 
 
+def cast_parameters(model, dtype: torch.dtype):
+    """The parameters in `dtype`, buffers (rotary frequencies) as they were: what Policy.sampler(dtype) samples with."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--dtypes", default="float32", help="comma-separated of float32, bfloat16: the models' dtypes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--write", action="store_true", help="write bench/results/rollout.md and .json")
@@ -65,13 +76,16 @@ def main() -> None:
     peak = matmul_peak(args.threads)
     eos = tok.eos_token_id
 
-    def hhh_call(batch: list[str], seed: int) -> int:
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    models = {d: model if d == torch.float32 else cast_parameters(copy.deepcopy(model), d) for d in dtypes}
+
+    def hhh_call(model, batch: list[str], seed: int) -> int:
         with torch.no_grad():  # EOS is made impossible by the hook below: every row runs 48 tokens, as for HF
             roll = sample(model, tok, batch, max_new_tokens=NEW_TOKENS, temperature=0.7,
                           generator=torch.Generator().manual_seed(seed))
         return int(roll.response_mask.sum())
 
-    def hf_call(batch: list[str], seed: int) -> int:
+    def hf_call(model, batch: list[str], seed: int) -> int:
         ids, mask = left_pad(chat_prompt_ids(tok, batch), tok.pad_token_id)
         torch.manual_seed(seed)
         with torch.no_grad():
@@ -89,27 +103,31 @@ def main() -> None:
     for b in [int(x) for x in args.batches.split(",")]:
         batch = prompts[:b]
         context = max(len(s) for s in chat_prompt_ids(tok, batch)) + NEW_TOKENS // 2
-        result = {"batch": b}
-        for name, call in (("hf", hf_call), ("hhh", hhh_call)):
-            hook = model.register_forward_hook(no_eos) if name == "hhh" else None
-            call(batch, 0)  # warm-up
-            times, tokens = [], 0
-            for r in range(args.repeats):
-                t = time.perf_counter()
-                tokens = call(batch, r + 1)
-                times.append(time.perf_counter() - t)
-            if hook is not None:
-                hook.remove()
-            sec = statistics.median(times)
-            result[f"{name}_s"] = sec
-            result[f"{name}_tokens"] = tokens
-            result[f"{name}_tok_s"] = tokens / sec
-            result[f"{name}_peak_fraction"] = tokens * flops_per_token(model, context) / sec / peak
-        result["ratio"] = result["hhh_tok_s"] / result["hf_tok_s"]
-        rows.append(result)
-        print(f"batch {b:3d}: HF generate {result['hf_tok_s']:7.1f} tok/s ({result['hf_peak_fraction']:.1%} of peak)"
-              f"  hhh {result['hhh_tok_s']:7.1f} tok/s ({result['hhh_peak_fraction']:.1%})  "
-              f"hhh/HF {result['ratio']:.2f}x", flush=True)
+        for dtype, m in models.items():
+            result = {"batch": b, "dtype": str(dtype).removeprefix("torch.")}
+            for name, call in (("hf", hf_call), ("hhh", hhh_call)):
+                hook = m.register_forward_hook(no_eos) if name == "hhh" else None
+                call(m, batch, 0)  # warm-up
+                times, tokens = [], 0
+                for r in range(args.repeats):
+                    t = time.perf_counter()
+                    tokens = call(m, batch, r + 1)
+                    times.append(time.perf_counter() - t)
+                if hook is not None:
+                    hook.remove()
+                sec = statistics.median(times)
+                result[f"{name}_s"] = sec
+                result[f"{name}_tokens"] = tokens
+                result[f"{name}_tok_s"] = tokens / sec
+                result[f"{name}_peak_fraction"] = tokens * flops_per_token(model, context) / sec / peak
+            result["ratio"] = result["hhh_tok_s"] / result["hf_tok_s"]
+            fp32 = [r for r in rows if r["batch"] == b and r["dtype"] == "float32"]
+            if dtype != torch.float32 and fp32:  # hhh at this dtype against fp32 `generate`
+                result["ratio_to_fp32_hf"] = result["hhh_tok_s"] / fp32[0]["hf_tok_s"]
+            rows.append(result)
+            print(f"batch {b:3d} {result['dtype']:8s}: HF generate {result['hf_tok_s']:7.1f} tok/s "
+                  f"({result['hf_peak_fraction']:.1%} of the fp32 peak)  hhh {result['hhh_tok_s']:7.1f} tok/s "
+                  f"({result['hhh_peak_fraction']:.1%})  hhh/HF {result['ratio']:.2f}x", flush=True)
 
     import transformers
 
@@ -123,10 +141,11 @@ def main() -> None:
         out = Path(__file__).parent / "results"
         out.mkdir(exist_ok=True)
         (out / "rollout.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-        lines = ["| batch | HF generate tok/s | share of fp32 peak | hhh tok/s | share of fp32 peak | hhh / HF |",
-                 "|---|---|---|---|---|---|"]
-        lines += [f"| {r['batch']} | {r['hf_tok_s']:.1f} | {r['hf_peak_fraction']:.1%} | {r['hhh_tok_s']:.1f} | "
-                  f"{r['hhh_peak_fraction']:.1%} | {r['ratio']:.2f}x |" for r in rows]
+        lines = ["| batch | dtype | HF generate tok/s | share of fp32 peak | hhh tok/s | share of fp32 peak | hhh / HF "
+                 "| hhh / fp32 HF |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['batch']} | {r['dtype']} | {r['hf_tok_s']:.1f} | {r['hf_peak_fraction']:.1%} | "
+                  f"{r['hhh_tok_s']:.1f} | {r['hhh_peak_fraction']:.1%} | {r['ratio']:.2f}x | "
+                  f"{r.get('ratio_to_fp32_hf', r['ratio']):.2f}x |" for r in rows]
         lines.append(f"\nfp32 matmul peak {peak / 1e9:.1f} GFLOP/s; {meta['machine']}; torch {meta['torch']}, "
                      f"transformers {meta['transformers']}; {NEW_TOKENS} new tokens, median of {args.repeats}.")
         (out / "rollout.md").write_text("\n".join(lines) + "\n")

@@ -304,6 +304,13 @@ def cpu_name() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def bf16_sampling(sampler_dtype: str) -> bool:
+    """Whether hhh samples in bf16 under `sampler_dtype` here (auto: where the CPU multiplies bf16 natively)."""
+    from hhh.models.load import cpu_has_native
+
+    return sampler_dtype == "bfloat16" or (sampler_dtype == "auto" and cpu_has_native("bfloat16"))
+
+
 def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_dtype: str = "weights",
           share_prompt: bool = True) -> str:
     from hhh.models.load import cpu_has_native
@@ -311,7 +318,8 @@ def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_d
     lines = [f"Machine: {cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, fp32 matmul peak "
              f"{peak / 1e9:.0f} GFLOP/s (measured in this run), native bf16 matmuls: "
              f"{'yes' if cpu_has_native('bfloat16') else 'no'}. Every model in fp32; hhh's sampler_dtype: "
-             f"{sampler_dtype}; share_prompt: {'on' if share_prompt else 'off'}.", "",
+             f"{sampler_dtype}; share_prompt: {'on' if share_prompt else 'off'}. Rollout rows in bfloat16: both "
+             "samplers on a bf16 copy of the weights (hhh/HF fp32: hhh's bf16 tokens/s over fp32 `generate`'s).", "",
              "| method | TRL s/step | hhh s/step | TRL per s | hhh per s | hhh/TRL throughput | TRL peak GB | "
              "hhh peak GB | hhh/TRL memory | TRL % of peak | hhh % of peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task in ("ppo", "grpo", "dpo"):
@@ -324,10 +332,12 @@ def table(results: dict, peak: float, rollout_rows: list[dict] | None, sampler_d
                      f"{rate(t):.2f} | {rate(h):.2f} | **{rate(h) / rate(t):.2f}x** | {t['peak_gb']:.2f} | "
                      f"{h['peak_gb']:.2f} | {h['peak_gb'] / t['peak_gb']:.2f}x | {share(t)} | {share(h)} |")
     if rollout_rows:
-        lines += ["", "| rollout, batch | HF generate tokens/s | hhh tokens/s | hhh/HF | HF % of peak | hhh % of peak |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| rollout, batch | dtype | HF generate tokens/s | hhh tokens/s | hhh/HF | hhh/HF fp32 | "
+                  "HF % of fp32 peak | hhh % of fp32 peak |", "|---|---|---|---|---|---|---|---|"]
         for r in rollout_rows:
-            lines.append(f"| {r['batch']} | {r['hf_tok_s']:.0f} | {r['hhh_tok_s']:.0f} | **{r['ratio']:.2f}x** | "
+            dtype = r.get("dtype", "float32")
+            lines.append(f"| {r['batch']} | {dtype} | {r['hf_tok_s']:.0f} | {r['hhh_tok_s']:.0f} | "
+                         f"**{r['ratio']:.2f}x** | {r.get('ratio_to_fp32_hf', r['ratio']):.2f}x | "
                          f"{r['hf_peak_fraction']:.1%} | {r['hhh_peak_fraction']:.1%} |")
     return "\n".join(lines)
 
@@ -371,10 +381,13 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--worker", name, *(f"--{k}-steps={v}" for k, v in steps.items())]
         if name == "rollout":  # hhh's sampler vs transformers' generate, its own script
             cmd = [sys.executable, str(Path(__file__).with_name("rollout.py")), "--json"]
+            if bf16_sampling(args.sampler_dtype):  # its samplers in bf16 too, beside fp32
+                cmd.append("--dtypes=float32,bfloat16")
         results[name] = worker(cmd, env)
         r = results[name]
         if name == "rollout":
-            print("rollout  " + ", ".join(f"batch {x['batch']}: {x['ratio']:.2f}x" for x in r["rows"]), flush=True)
+            print("rollout  " + ", ".join(f"batch {x['batch']} {x['dtype']}: {x['ratio']:.2f}x" for x in r["rows"]),
+                  flush=True)
             continue
         if args.flops:  # a second, shorter run under the counter (2 steps: FLOPs per step)
             short = [*cmd[:4], *(f"--{k}-steps=2" for k in steps)]
