@@ -392,6 +392,37 @@ def test_the_frozen_trunk_of_a_group_per_row_runs_in_micro_batches_of_completion
         return trunk(self, tokens)
 
     monkeypatch.setattr(Policy, "_trunk", counting)
+    # a bf16 sampler computes no fp32 trunk on the way, so the step computes it (on any CPU: a tiny model)
     _, (policy, steps, _, _) = run_online(GRPOConfig, tokenizer, tmp_path, "trunk", steps=1, lora_layers=1,
-                                          micro_batch_size=8, val_prompts=0)
+                                          micro_batch_size=8, val_prompts=0, sampler_dtype="bfloat16")
     assert steps == 1 and sizes == [8, 8]
+
+
+@pytest.mark.parametrize("cls, share_prompt", [(GRPOConfig, True), (GRPOConfig, False), (RLOOConfig, True)])
+def test_a_step_takes_the_frozen_trunk_the_sampler_computed(tokenizer, tmp_path, monkeypatch, cls, share_prompt):
+    """Sampling with the training weights runs the frozen bottom layers anyway: a step keeps what entered the first
+    adapted layer (Rollout.trunk, put into the group-per-row layout when groups share a row) and runs no trunk pass
+    of its own. Its metrics equal those of the same steps computing the trunk again, within float rounding."""
+    from hhh.models.policy import Policy
+
+    calls: list[int] = []
+    trunk = Policy._trunk
+
+    def counting(self, tokens):
+        calls.append(len(tokens))
+        return trunk(self, tokens)
+
+    monkeypatch.setattr(Policy, "_trunk", counting)
+    runs = {}
+    for kept in (True, False):
+        if not kept:  # the sampler keeps nothing: every step computes its trunk
+            monkeypatch.setattr(Policy, "trunk_layer", property(lambda self: None))
+        calls.clear()
+        run, (_, steps, _, _) = run_online(cls, tokenizer, tmp_path, f"kept-{kept}", steps=2, lora_layers=1,
+                                           val_prompts=0, share_prompt=share_prompt)
+        assert steps == 2 and (calls == [] if kept else len(calls) > 0)
+        runs[kept] = run.metrics()
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("reward/mean", "kl/k1", "loss/policy", "policy/entropy", "policy/clipfrac"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-4), key

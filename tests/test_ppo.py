@@ -172,6 +172,40 @@ def test_frozen_trunk_gives_the_full_forward_exactly(tokenizer):
     assert policy._trunks == {}  # the cache ends with the block
 
 
+def test_a_known_trunk_serves_the_passes_and_must_fit_the_batch(tokenizer, tmp_path, monkeypatch):
+    """frozen_trunk(batch, known=...) caches a trunk computed elsewhere (the sampler's): the passes read it and no
+    bottom layer runs; one that does not fit the batch is refused. A PPO step with fp32 sampling computes no trunk
+    of its own; with a bf16 sampler it does."""
+    from hhh.models import LoraSettings
+    from hhh.models.policy import Policy, build_policy
+    from hhh.rollout import Tokens
+
+    policy = build_policy(tiny_causal_lm(tokenizer, layers=4), LoraSettings(r=4, top_layers=2))
+    _perturbed(policy, None)
+    q, r = torch.randint(5, 500, (3, 6)), torch.randint(5, 500, (3, 5))
+    batch = Tokens(q, torch.ones_like(q), r, torch.ones_like(r))
+    with policy.frozen_trunk(batch):
+        computed = policy(batch, temperature=0.7).logprobs
+    calls: list[int] = []
+    hook = policy.lm.get_base_model().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with policy.frozen_trunk(batch, known=policy._trunk(batch)):
+        calls.clear()
+        known = policy(batch, temperature=0.7).logprobs
+    hook.remove()
+    assert calls == [] and torch.equal(known, computed)
+    for bad in ((batch,), (batch, batch[:1])):
+        with pytest.raises(ValueError, match="known trunk"), policy.frozen_trunk(*bad, known=torch.zeros(3, 10, 64)):
+            pass
+
+    trunks: list[int] = []
+    trunk = Policy._trunk
+    monkeypatch.setattr(Policy, "_trunk", lambda self, tokens: trunks.append(len(tokens)) or trunk(self, tokens))
+    run_ppo(tokenizer, tmp_path, "fp32", steps=1, lora_layers=1, val_prompts=0)
+    assert trunks == []
+    run_ppo(tokenizer, tmp_path, "bf16", steps=1, lora_layers=1, val_prompts=0, sampler_dtype="bfloat16")
+    assert trunks == [8, 8]
+
+
 @pytest.mark.parametrize("trunk", [False, True])
 def test_log_probs_from_the_hidden_states_equal_those_from_the_logits(tokenizer, trunk):
     """Policy.forward takes the log-probs and entropies from the last hidden states through the frozen output

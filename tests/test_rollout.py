@@ -96,6 +96,36 @@ def test_a_group_shares_one_prefill_and_samples_what_a_full_prefill_samples(toke
     assert odd.prefilled == 3
 
 
+@pytest.mark.parametrize("share", [True, False])
+def test_the_hidden_states_entering_a_layer_while_sampling_are_the_trunk_of_the_sampled_rows(tokenizer, share):
+    """sample(trunk_layer=...) keeps what entered that layer at every position (Rollout.trunk): the frozen trunk of
+    one forward over prompt + response (Policy._trunk) at every real position but the last column, whose token is
+    never fed back (zeros there), with a group's prefill shared or not. The model runs once for the prefill and
+    once per sampled token but the last."""
+    from hhh.models import LoraSettings
+    from hhh.models.policy import build_policy
+
+    model = with_eos_bias(tiny_causal_lm(tokenizer, layers=3, seed=0), tokenizer.eos_token_id, 6.3)
+    policy = build_policy(model, LoraSettings(r=4, top_layers=1))
+    assert policy.split == 2
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    calls: list[int] = []
+    hook = policy.lm.get_base_model().model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    r = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, temperature=1.0, share_prefill=share,
+               generator=torch.Generator().manual_seed(2), trunk_layer=policy.trunk_layer)
+    hook.remove()
+    (B, Q), R = r.query_ids.shape, r.response_ids.shape[1]
+    assert r.ended.any() and not r.ended.all() and len(calls) == R  # prefill + R - 1 tokens fed
+    assert r.trunk is not None and r.trunk.shape == (B, Q + R, 64) and not r.trunk.requires_grad
+    real = r.tokens.mask().bool()
+    real[:, -1] = False
+    torch.testing.assert_close(r.trunk[real], policy._trunk(r.tokens)[real], atol=1e-5, rtol=1e-5)
+    assert (r.trunk[:, -1] == 0).all()
+    again = sample(policy.lm, tokenizer, prompts, max_new_tokens=10, temperature=1.0, share_prefill=share,
+                   generator=torch.Generator().manual_seed(2))
+    assert again.trunk is None and torch.equal(again.response_ids, r.response_ids)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_output_layer_is_one_matmul_for_frozen_weights_too(tokenizer, dtype):
     """The prefill keeps the logits of the last position only, a training pass those of the response: that slice of

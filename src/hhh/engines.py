@@ -54,8 +54,10 @@ def rollout_engine(config, policy, tokenizer) -> Rollouts:
 
     def hhh_sampler(prompts: Sequence[Prompt], step: int, generator: torch.Generator) -> Rollout:
         with policy.sampler(dtype) as model:  # the adapter folded into the weights (or a copy of them) while sampling
+            # sampling with the training weights computes the frozen trunk on the way: kept for the step's passes
             return sample(model, tokenizer, prompts, max_new_tokens=config.max_new_tokens,
-                          temperature=config.temperature, generator=generator)
+                          temperature=config.temperature, generator=generator,
+                          trunk_layer=policy.trunk_layer if model is policy.lm else None)
 
     return hhh_sampler
 

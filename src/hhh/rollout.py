@@ -9,6 +9,7 @@ divide logits by the same temperature.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from typing import TypeVar
@@ -63,6 +64,9 @@ class Tokens:
 
     def row_indices(self, rows: Tensor) -> Tensor:
         return rows
+
+    def from_rows(self, values: Tensor) -> Tensor:  # (B, Q+R, ...) per position of the rows: already this layout
+        return values
 
 
 class SharedPrompt:
@@ -169,6 +173,13 @@ class GroupTokens(SharedPrompt):
     def per_completion(self, values: Tensor) -> Tensor:  # (b*G,) sums of (b, G*R) values over each completion
         return self.unpack(values).sum(-1)
 
+    def from_rows(self, values: Tensor) -> Tensor:
+        """(b*G, Q+R, ...) values per position of the rows the groups came from -> (b, Q+G*R, ...): each group's
+        prompt positions from its first row (its rows share the prompt), then its completions' side by side."""
+        G, Q = self.completions_per_row, self.query_ids.shape[1]
+        b = len(values) // G
+        return torch.cat([values[::G, :Q], values[:, Q:].reshape(b, -1, *values.shape[2:])], dim=1)
+
 
 def sub_batch(batch: _B, index: slice | Tensor) -> _B:
     """`batch[index]` of a token layout (Tokens, PairTokens, GroupTokens): each row tensor indexed, other fields
@@ -246,6 +257,9 @@ class Rollout:
     prefilled: int = 0  # prompt rows that went through the prefill (fewer than B when a group shared one)
     trainer_logprobs: bool = False  # `logprobs` came from the training forward (another engine sampled), not the cache
     sampler_dtype: torch.dtype = torch.float32  # what the sampler's weights computed in (Policy.sampler)
+    # (B, Q+R, H) the hidden states that entered `trunk_layer` at every position while sampling (Policy.frozen_trunk
+    # reuses them); each row's last position holds zeros: its token was never fed back, and it predicts nothing scored
+    trunk: Tensor | None = None
 
     @property
     def lengths(self) -> Tensor:  # (B,) completion tokens, EOS included
@@ -365,7 +379,6 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
 def sample(
     model,
     tokenizer,
@@ -376,15 +389,45 @@ def sample(
     generator: torch.Generator | None = None,
     chat: bool = True,
     share_prefill: bool = True,
+    trunk_layer: torch.nn.Module | None = None,
 ) -> Rollout:
     """Sample one completion per prompt (repeat prompts for several samples).
 
     Prompts that come in runs of G equal ones (a GRPO/RLOO group) are prefilled once per run and the KV cache
     repeated G times (`share_prefill`): the same tokens for the same generator as prefilling every row.
+    `trunk_layer`: one of the model's decoder layers; the hidden states entering it at every position are kept
+    (Rollout.trunk), so that a frozen trunk below it need not be computed again (Policy.frozen_trunk).
 
     >>> r = sample(model, tok, ["Say hi"], max_new_tokens=8, generator=torch.Generator().manual_seed(0))
     >>> r.response_ids.shape[0], r.texts[0]  # doctest: +SKIP
     """
+    with _inputs_of(trunk_layer) as entered:
+        r = _sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                    generator=generator, chat=chat, share_prefill=share_prefill)
+    if not entered:
+        return r
+    # the prefill's (rows, Q, H) repeated for a group's rows, every fed token's (B, 1, H), then zeros for the last
+    # token, which is never fed back (no position it could influence is scored)
+    prefill = entered[0].repeat_interleave(len(r.query_ids) // r.prefilled, dim=0)
+    return replace(r, trunk=torch.cat([prefill, *entered[1:], torch.zeros_like(prefill[:, :1])], dim=1))
+
+
+@contextmanager
+def _inputs_of(layer: torch.nn.Module | None):
+    """Within: the hidden states entering `layer` at each of its calls, in order (none when `layer` is None)."""
+    entered: list[Tensor] = []
+    hook = None if layer is None else layer.register_forward_pre_hook(
+        lambda module, args, kwargs: entered.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        yield entered
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+@torch.no_grad()
+def _sample(model, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int, temperature: float,
+            generator: torch.Generator | None, chat: bool, share_prefill: bool) -> Rollout:
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (log-probs of greedy decoding are undefined)")
     if not prompts:
@@ -415,7 +458,7 @@ def sample(
     pos = positions(attn)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens, logps, logps_t1, live = [], [], [], []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, V)
         # Inverse-CDF sampling: one uniform per row. Exact, and far cheaper than torch.multinomial
         # or a Gumbel race, which draw a random number per vocabulary entry (49k here).
@@ -429,7 +472,7 @@ def sample(
         logps_t1.append(torch.where(done, 0.0, untempered))
         tokens.append(nxt)
         done = done | (nxt == eos_id)
-        if bool(done.all()):
+        if bool(done.all()) or step == max_new_tokens - 1:  # the last token is never fed back
             break
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = pos[:, -1:] + 1

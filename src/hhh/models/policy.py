@@ -116,16 +116,26 @@ class Policy(nn.Module):
             p.requires_grad_(id(p) in self._trainable)
 
     # --- the frozen trunk -------------------------------------------------------------------------------------
+    @property
+    def trunk_layer(self) -> nn.Module | None:
+        """The first adapted decoder layer: the frozen trunk is what enters it (None: no trunk to cache)."""
+        return _decoder_layers(self.lm)[self.split] if self.split else None
+
     @contextmanager
-    def frozen_trunk(self, *batches: Batch, micro_batch_size: int | None = None):
+    def frozen_trunk(self, *batches: Batch, micro_batch_size: int | None = None, known: Tensor | None = None):
         """Within: every pass over `batches` or rows of them runs only the adapted top layers, on the frozen
-        bottom layers' output computed here once (in micro-batches of `micro_batch_size` rows; None: whole)."""
+        bottom layers' output computed here once (in micro-batches of `micro_batch_size` rows; None: whole).
+        `known`: that output for the one batch given, already computed (the sampler's, Rollout.trunk, in the
+        batch's layout): nothing runs here."""
         if not self.split:
             yield
             return
+        if known is not None and (len(batches) != 1 or known.shape[:2] != batches[0].ids().shape):
+            raise ValueError(f"a known trunk {tuple(known.shape)} needs one batch of the same (rows, positions)")
         for batch in batches:
             size = micro_batch_size or len(batch)
-            trunk = torch.cat([self._trunk(batch[i:i + size]) for i in range(0, len(batch), size)])
+            trunk = known if known is not None else \
+                torch.cat([self._trunk(batch[i:i + size]) for i in range(0, len(batch), size)])
             self._trunks[id(batch)] = (batch, trunk)  # (B, Q+R, H); the batch is kept so its id stays unique
         try:
             yield

@@ -209,7 +209,8 @@ def train_groups(name: str, config: GroupSettings, run: RunDir, *, beta: float, 
             shuffle = step_generator(config.seed, step, "cpu", MINIBATCHES)
             first = None if kl_in_advantages or not recomputes_old_logprobs(policy, r) else \
                 first_minibatch(len(tokens), units(tokens, rank_minibatch(config)), shuffle)
-            with policy.frozen_trunk(tokens, micro_batch_size=units(tokens, config.micro_batch_size)):
+            known = None if r.trunk is None else tokens.from_rows(r.trunk)  # the sampler's, when it computed one
+            with policy.frozen_trunk(tokens, micro_batch_size=units(tokens, config.micro_batch_size), known=known):
                 # 3. old-policy and reference log-probs (the first minibatch's old ones may come in step 5)
                 old_logp, ref_logp = old_and_reference_logprobs(policy, r, tokens, config.micro_batch_size,
                                                                 config.temperature, skip=first)

@@ -137,7 +137,7 @@ def train(config: PPOConfig, run: RunDir, *, base, tokenizer, console=None, resu
             every = D.gather(raw)  # normalised with the whole step's scores, so the running statistics agree
             mine = D.shard_slice(len(every))
             score = shaping.transform(every)[mine] - config.no_eos_penalty * (~r.ended).float()
-            with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size):
+            with policy.frozen_trunk(tokens, micro_batch_size=config.micro_batch_size, known=r.trunk):
                 # 3. old log-probs, values, reference log-probs
                 old = old_passes(policy, critic, tokens, config)
                 # 4. shaped per-token reward
