@@ -178,7 +178,7 @@ class _OutputLogprobs(torch.autograd.Function):
             z = z.sub_(lse[s:s + rows, None])  # log p
             logp[s:s + rows] = z.gather(-1, targets[s:s + rows, None]).squeeze(-1)
             if ent is not None:
-                ent[s:s + rows] = -(z.exp() * z).sum(-1)
+                ent[s:s + rows] = entropy_from_logprobs(z)
         ctx.temperature, ctx.rows = temperature, rows
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.set_materialize_grads(False)

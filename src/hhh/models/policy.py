@@ -56,6 +56,7 @@ def plain_output_layer(lm) -> nn.Linear | None:
     states; None otherwise (a LoRA-wrapped head, another architecture)."""
     base = lm.get_base_model()
     head = base.get_output_embeddings()
+    # _SPLITTABLE's architectures are also the ones checked to compute logits as lm_head(final norm's output)
     if base.config.model_type not in _SPLITTABLE or type(head) is not nn.Linear or head.bias is not None:
         return None
     return head
@@ -133,15 +134,18 @@ class Policy(nn.Module):
         if known is not None and (len(batches) != 1 or known.shape[:2] != batches[0].ids().shape):
             raise ValueError(f"a known trunk {tuple(known.shape)} needs one batch of the same (rows, positions)")
         for batch in batches:
-            size = micro_batch_size or len(batch)
-            trunk = known if known is not None else \
-                torch.cat([self._trunk(batch[i:i + size]) for i in range(0, len(batch), size)])
+            trunk = known if known is not None else self._batch_trunk(batch, micro_batch_size)
             self._trunks[id(batch)] = (batch, trunk)  # (B, Q+R, H); the batch is kept so its id stays unique
         try:
             yield
         finally:
             for batch in batches:
                 self._trunks.pop(id(batch), None)
+
+    def _batch_trunk(self, batch: Batch, micro_batch_size: int | None) -> Tensor:
+        """(B, Q+R, H) the trunk of `batch`, in micro-batches of `micro_batch_size` rows (None: whole)."""
+        size = micro_batch_size or len(batch)
+        return torch.cat([self._trunk(batch[i:i + size]) for i in range(0, len(batch), size)])
 
     @torch.no_grad()
     def _trunk(self, tokens: Batch) -> Tensor:
